@@ -1,0 +1,115 @@
+"""From request bytes to a RequestRecord: parse, validate, count prompt tokens. No I/O beyond the model's
+tokenizer files, no torch."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from pydantic import ValidationError
+
+from inferlog.errors import InvalidRequest
+from inferlog.messages import GenerationParams, RequestRecord, Timings, now
+from inferlog.models import ModelRegistry, RegisteredModel
+from inferlog.prompting import PromptFormatter
+from inferlog_gateway.api import REQUEST_ID_PATTERN, SubmitBody
+from inferlog_gateway.settings import GatewaySettings
+
+
+
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body as JSON, or a 400 that says what is wrong with it."""
+    if not raw:
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"The body is not valid UTF-8 (byte {exc.start}).", code="invalid_encoding") from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.",
+                             code="invalid_json") from exc
+    try:  # JSON escapes can smuggle in lone surrogates, which no UTF-8 record can carry
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest("The body contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape).",
+                             code="invalid_encoding") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest("The body must be a JSON object.", code="invalid_json")
+    return value
+
+
+class Intake:
+    """Validates submits against the model registry and each model's tokenizer and context length."""
+
+    def __init__(self, registry: ModelRegistry, settings: GatewaySettings) -> None:
+        self._registry = registry
+        self._settings = settings
+        self._formatters: dict[str, PromptFormatter] = {}
+        self._context: dict[str, int] = {}
+
+    def load(self, model: RegisteredModel) -> None:
+        """Read a model's tokenizer and context length (done at start-up for every prepared model)."""
+        self._formatters[model.name] = PromptFormatter(model.directory)
+        self._context[model.name] = model.context_length()
+
+    def _formatter(self, model: RegisteredModel) -> tuple[PromptFormatter, int]:
+        if model.name not in self._formatters:
+            self.load(model)
+        return self._formatters[model.name], self._context[model.name]
+
+    def build(self, payload: dict[str, Any], idempotency_key: str | None) -> tuple[RequestRecord, int]:
+        """The record to claim and produce, and its prompt's token count. Raises InvalidRequest (4xx)."""
+        body = SubmitBody.model_validate(payload)
+        request_id = body.request_id or idempotency_key or uuid.uuid4().hex
+        if not _REQUEST_ID.match(request_id) or len(request_id) > 128:
+            raise InvalidRequest("Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : ~ -",
+                                 param="Idempotency-Key")
+        model = self._registry.get(body.model)
+        formatter, context = self._formatter(model)
+        if body.messages is not None:
+            prompt_tokens = len(formatter.encode_chats([body.messages])[0])
+            prompt_param = "messages"
+        else:
+            assert body.prompt is not None
+            prompt_tokens = len(formatter.encode_prompts([body.prompt])[0])
+            prompt_param = "prompt"
+        room = context - prompt_tokens
+        if room < 1:
+            raise InvalidRequest(
+                f"The prompt is {prompt_tokens} tokens; model {model.name!r} has a context of {context} tokens "
+                "and needs room for at least one generated token. Shorten the prompt.",
+                param=prompt_param, code="context_length_exceeded")
+        max_tokens = body.max_tokens or min(self._settings.default_max_tokens, room)
+        if max_tokens > self._settings.max_max_tokens:
+            raise InvalidRequest(f"max_tokens is {max_tokens}; the most allowed is {self._settings.max_max_tokens}.",
+                                 param="max_tokens")
+        if max_tokens > room:
+            raise InvalidRequest(
+                f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
+                f"of {context} tokens; lower max_tokens to at most {room} or shorten the prompt.",
+                param="max_tokens", code="context_length_exceeded")
+        received_at = now()
+        try:
+            params = GenerationParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                      stop=body.stop_list(), seed=body.seed, ignore_eos=body.ignore_eos)
+        except ValidationError as exc:  # the API bounds are the record's; this only guards their drift
+            raise InvalidRequest(str(exc.errors()[0]["msg"]), param=str(exc.errors()[0]["loc"][0])) from exc
+        record = RequestRecord(
+            request_id=request_id,
+            model=model.name,
+            messages=body.messages,
+            prompt=body.prompt,
+            params=params,
+            priority=body.priority,
+            session_id=body.session_id,
+            deadline_at=received_at + body.deadline_s if body.deadline_s else None,
+            timings=Timings(received_at=received_at),
+        )
+        return record, prompt_tokens

@@ -1,0 +1,73 @@
+"""Gateway wiring: settings, pools, producer, routes, lifespan. Run with ``inferlog run gateway``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from inferlog.db import connect_pool
+from inferlog.kafka import make_producer
+from inferlog.ledger import RequestLedger
+from inferlog.models import ModelRegistry
+from inferlog.topics import Topics, ensure_topics
+from inferlog_gateway import errors
+from inferlog_gateway.intake import Intake
+from inferlog_gateway.routes import GatewayState, router
+from inferlog_gateway.settings import GatewaySettings
+from inferlog_gateway.submit import Submitter
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    common = settings.common
+    topics = Topics.from_settings(common)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await ensure_topics(common.kafka_bootstrap, topics, create=False)
+        registry = ModelRegistry(common)
+        intake = Intake(registry, settings)
+        for model in registry:
+            if model.is_prepared:
+                intake.load(model)
+        pool = await connect_pool(common.postgres_url, common.postgres_schema)
+        producer = make_producer(common.kafka_bootstrap)
+        await producer.start()
+
+        async def broker_ready() -> bool:
+            try:
+                await asyncio.wait_for(producer.client.fetch_all_metadata(), 2.0)
+                return True
+            except Exception:  # any failure to reach the broker means not ready
+                return False
+
+        ledger = RequestLedger(pool)
+        app.state.gateway = GatewayState(
+            intake=intake,
+            submitter=Submitter(ledger, producer, topics, settings.produce_timeout_s),
+            ledger=ledger,
+            max_body_bytes=settings.max_body_bytes,
+            broker_ready=broker_ready,
+        )
+        try:
+            yield
+        finally:
+            await producer.stop()
+            await pool.close()
+
+    app = FastAPI(title="inferlog gateway", lifespan=lifespan)
+    errors.install(app, settings.retry_after_s)
+    app.include_router(router)
+    return app
+
+
+def run(settings: GatewaySettings | None = None) -> None:
+    settings = settings or GatewaySettings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=5)

@@ -1,0 +1,110 @@
+"""The gateway's HTTP handlers. They read the request, call intake/submitter/ledger, and shape responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+
+from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
+from inferlog.ledger import JobView, RequestLedger
+from inferlog.messages import Status
+from inferlog_gateway.api import Accepted, JobResult, JobStatus
+from inferlog_gateway.intake import Intake, parse_json
+from inferlog_gateway.submit import Submitter
+
+
+@dataclass
+class GatewayState:
+    """What the handlers use, built once in the lifespan."""
+
+    intake: Intake
+    submitter: Submitter
+    ledger: RequestLedger
+    max_body_bytes: int
+    broker_ready: object  # async () -> bool
+
+
+router = APIRouter()
+
+
+def _state(request: Request) -> GatewayState:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 415 unless JSON and with 413 past ``limit`` (before it is read whole)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise _HttpError(415, f"Content-Type must be application/json, not {content_type or 'missing'!r}.")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _HttpError(413, f"The body is {declared} bytes; the limit is {limit}.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _HttpError(413, f"The body exceeds the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _HttpError(InvalidRequest):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message, code={413: "request_too_large", 415: "unsupported_media_type"}[status])
+        self.status_code = status
+
+
+@router.post("/v1/requests", status_code=202)
+async def submit(request: Request, idempotency_key: str | None = Header(default=None)) -> JSONResponse:
+    state = _state(request)
+    raw = await read_body(request, state.max_body_bytes)
+    record, _prompt_tokens = state.intake.build(parse_json(raw), idempotency_key)
+    claim = await state.submitter.submit(record)
+    status_url = str(request.url_for("get_request", request_id=claim.request_id))
+    body = Accepted(id=claim.request_id, status=claim.status.value, status_url=status_url)
+    headers = {"Location": status_url}
+    if not claim.created:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(status_code=202, content=body.model_dump(), headers=headers)
+
+
+@router.get("/v1/requests/{request_id}", name="get_request")
+async def get_request(request_id: str, request: Request) -> JobStatus:
+    job = await _state(request).ledger.get(request_id)
+    if job is None:
+        raise NotFound(f"No request with id {request_id!r}.", param="request_id")
+    return job_status(job)
+
+
+def job_status(job: JobView) -> JobStatus:
+    result = None
+    if job.status is Status.COMPLETED:
+        result = JobResult(
+            text=job.text,
+            finish_reason=job.finish_reason,
+            usage={"prompt_tokens": job.prompt_tokens or 0, "completion_tokens": job.completion_tokens or 0},
+        )
+    return JobStatus(id=job.request_id, status=job.status.value, model=job.model, model_version=job.model_version,
+                     result=result, error=job.error, timings=job.timings)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Ready means: can accept and durably record submits (Postgres answers and the broker is reachable)."""
+    state = _state(request)
+    checks: dict[str, str] = {}
+    try:
+        await state.ledger.ping()
+        checks["postgres"] = "ok"
+    except StoreUnavailable as exc:
+        checks["postgres"] = str(exc)
+    checks["broker"] = "ok" if await state.broker_ready() else "unreachable"  # type: ignore[operator]
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks})

@@ -1,0 +1,76 @@
+"""GPU worker wiring. Run with ``inferlog run gpu-worker``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+
+from inferlog.kafka import make_consumer, make_producer
+from inferlog.models import ModelRegistry
+from inferlog.runtime import stop_on_signals
+from inferlog.topics import Topics, ensure_topics
+from inferlog_worker.admission import Capacity, KvAdmission
+from inferlog_worker.consumer import TierConsumer
+from inferlog_worker.engine import GpuWorker
+from inferlog_worker.load import LoadReporter
+from inferlog_worker.runner import GenerationJob, ModelRunner
+from inferlog_worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_runner(settings: WorkerSettings) -> ModelRunner:
+    model = ModelRegistry(settings.common).get(settings.model_name)
+    return ModelRunner(model, device=settings.device, num_blocks=settings.num_blocks,
+                       page_size=settings.page_size, max_batch_tokens=settings.max_batch_tokens,
+                       sampling=settings.sampling)
+
+
+async def warm_up(runner: ModelRunner) -> None:
+    """One short generation before joining the group, so the first real request pays no warm-up."""
+    done = await runner.submit(GenerationJob(request_id="warmup", input_ids=[1, 2, 3, 4], max_tokens=4,
+                                             ignore_eos=True))
+    if done.finish_reason == "error":
+        raise RuntimeError(f"warm-up generation failed: {done.error}")
+
+
+def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | None) -> GpuWorker:
+    common = settings.common
+    topics = Topics.from_settings(common)
+    consumer = make_consumer(
+        common.kafka_bootstrap, settings.group_id, session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms, max_poll_records=settings.max_running)
+    tier = TierConsumer(consumer, [topics.tokenized_interactive, topics.tokenized_batch])
+    worker = GpuWorker(
+        worker_id=settings.worker_id, runner=runner, consumer=tier,
+        producer=make_producer(common.kafka_bootstrap), topics=topics,
+        admission=KvAdmission(Capacity(settings.num_blocks * settings.page_size, settings.max_running)),
+        load=LoadReporter(redis, common.redis_prefix, settings.load_ttl_s) if redis is not None else None,
+        load_interval_s=settings.load_interval_s, shutdown_grace_s=settings.shutdown_grace_s)
+    tier.on_revoked = worker.drop_revoked
+    return worker
+
+
+async def serve(settings: WorkerSettings) -> None:
+    common = settings.common
+    await ensure_topics(common.kafka_bootstrap, Topics.from_settings(common), create=False)
+    runner = build_runner(settings)
+    await asyncio.to_thread(runner.load)
+    await warm_up(runner)
+    redis = Redis.from_url(common.redis_url)
+    worker = build_worker(settings, runner, redis)
+    stop = stop_on_signals()
+    await worker.start()
+    log.info("worker %s ready", settings.worker_id)
+    try:
+        await worker.run(stop)
+    finally:
+        await worker.close()
+        await redis.aclose()
+        await asyncio.to_thread(runner.stop)
+
+
+def run(settings: WorkerSettings | None = None) -> None:
+    asyncio.run(serve(settings or WorkerSettings()))

@@ -1,0 +1,196 @@
+"""ModelRunner: one loaded model driven by transformers' continuous batching manager.
+
+The manager generates on its own thread; requests join and leave the running batch at every decode step.
+Outputs come back on the asyncio loop through ``register_result_handler`` (``call_soon_threadsafe``), so
+nothing here blocks the loop. Facts this module relies on (measured on transformers 5.24, DESIGN.md):
+register the handler *before* ``add_request``; ``add_request`` returns None when the manager is stopping
+or failed; streaming outputs carry all tokens so far; ``cancel_request`` never calls the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from inferlog.models import RegisteredModel
+from inferlog.prompting import PromptFormatter
+
+log = logging.getLogger(__name__)
+
+GREEDY_TEMPERATURE = 1e-5
+"""How temperature 0 runs when the manager samples: as good as argmax unless the top two logits are
+within ~1e-4 of each other."""
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    request_id: str
+    input_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled", "error"]
+    first_token_at: float | None
+    completed_at: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RunnerStats:
+    active: int
+    """Requests the manager is prefilling or decoding right now."""
+    free_kv_blocks: int
+    total_kv_blocks: int
+
+
+@dataclass
+class _Live:
+    job: GenerationJob
+    future: asyncio.Future[GenerationDone]
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: RegisteredModel, *, device: str, num_blocks: int, page_size: int,
+                 max_batch_tokens: int, sampling: bool) -> None:
+        self.model = model
+        self._device = device
+        self._num_blocks = num_blocks
+        self._page_size = page_size
+        self._max_batch_tokens = max_batch_tokens
+        self.sampling = sampling
+        self.version = ""
+        self._formatter: PromptFormatter | None = None
+        self._manager: Any = None
+        self._eos: int | None = None
+        self._live: dict[str, _Live] = {}
+
+    # -- lifecycle (blocking: call from a thread) --------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the weights, start the manager. Blocking (seconds): run it off the event loop."""
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+
+        device = self._device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        started = time.monotonic()
+        model = AutoModelForCausalLM.from_pretrained(self.model.directory, dtype=dtype).to(device)
+        self._formatter = PromptFormatter(self.model.directory)
+        eos = model.generation_config.eos_token_id
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        self._eos = eos if eos is not None else self._formatter.eos_token_id
+        self.version = self.model.version()
+        sampling_args: dict[str, Any] = {"do_sample": False}
+        if self.sampling:  # per-request temperature/top_p need the processors to exist at manager level
+            sampling_args = {"do_sample": True, "temperature": 0.7, "top_p": 0.95}
+        generation_config = GenerationConfig(
+            max_new_tokens=256, eos_token_id=self._eos if self._eos is not None else -1,
+            pad_token_id=self._eos if self._eos is not None else 0, **sampling_args)
+        cb_config = ContinuousBatchingConfig(
+            num_blocks=self._num_blocks, page_size=self._page_size, max_batch_tokens=self._max_batch_tokens,
+            max_queue_size=0, per_request_processors=self.sampling)
+        self._manager = model.init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=cb_config)
+        self._manager.start()
+        log.info("loaded %s (%s) on %s in %.1fs", self.model.name, self.version, device, time.monotonic() - started)
+
+    def stop(self) -> None:
+        if self._manager is not None:
+            self._manager.stop(block=True, timeout=30)
+
+    # -- requests (on the event loop) -------------------------------------------------------------------
+
+    def submit(self, job: GenerationJob) -> asyncio.Future[GenerationDone]:
+        """Start generating; the future resolves with the outcome (never raises)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[GenerationDone] = loop.create_future()
+        live = _Live(job, future)
+        self._live[job.request_id] = live
+        kwargs: dict[str, Any] = {}
+        if self.sampling:
+            kwargs = dict(temperature=job.temperature or GREEDY_TEMPERATURE, top_p=job.top_p)
+        self._manager.register_result_handler(job.request_id, lambda output: self._on_output(live, output))
+        accepted = self._manager.add_request(
+            job.input_ids, request_id=job.request_id, max_new_tokens=job.max_tokens, streaming=True,
+            eos_token_id=-1 if job.ignore_eos else self._eos, **kwargs)
+        if accepted is None:
+            self._unregister(job.request_id)
+            self._resolve(live, "error", error="the generation engine is stopping or has failed")
+        return future
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request within one decode step and free its KV blocks; its future resolves ``cancelled``."""
+        live = self._live.get(request_id)
+        if live is None:
+            return
+        self._manager.cancel_request(request_id)
+        self._unregister(request_id)  # cancel_request never calls the handler: clean up here
+        self._resolve(live, "cancelled")
+
+    def stats(self) -> RunnerStats:
+        processor = self._manager.batch_processor if self._manager is not None else None
+        if processor is None:
+            return RunnerStats(0, self._num_blocks, self._num_blocks)
+        free = round(processor.cache.compute_free_capacity(relative=True) * self._num_blocks)
+        return RunnerStats(len(processor.scheduler.active_requests), free, self._num_blocks)
+
+    def _on_output(self, live: _Live, output: Any) -> None:
+        if live.future.done():
+            return
+        if output.generated_tokens and live.first_token_at is None:
+            live.first_token_at = time.time()
+        live.tokens = list(output.generated_tokens)
+        if output.error:
+            self._resolve(live, "error", error=str(output.error))
+            return
+        if live.job.stop:
+            cut = self._stop_cut(live)
+            if cut is not None:
+                self._manager.cancel_request(live.job.request_id)
+                self._unregister(live.job.request_id)
+                self._resolve(live, "stop", text=cut)
+                return
+        if output.is_finished():
+            ended_on_eos = bool(live.tokens) and live.tokens[-1] == self._eos and not live.job.ignore_eos
+            self._resolve(live, "stop" if ended_on_eos else "length")
+
+    def _stop_cut(self, live: _Live) -> str | None:
+        assert self._formatter is not None
+        text = self._formatter.decode(live.tokens)
+        hits = [text.find(s) for s in live.job.stop if s in text]
+        return text[: min(hits)] if hits else None
+
+    def _resolve(self, live: _Live, reason: Literal["stop", "length", "cancelled", "error"], *,
+                 text: str | None = None, error: str | None = None) -> None:
+        self._live.pop(live.job.request_id, None)
+        if live.future.done():
+            return
+        assert self._formatter is not None or text is not None or not live.tokens
+        if text is None:
+            text = self._formatter.decode(live.tokens) if self._formatter is not None else ""
+        live.future.set_result(GenerationDone(
+            request_id=live.job.request_id, token_ids=live.tokens, text=text, finish_reason=reason,
+            first_token_at=live.first_token_at, completed_at=time.time(), error=error))
+
+    def _unregister(self, request_id: str) -> None:
+        router = self._manager.output_router
+        with router._lock:  # the manager's own lock around its handler table
+            router.result_handlers.pop(request_id, None)

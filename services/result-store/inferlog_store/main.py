@@ -1,0 +1,38 @@
+"""Result-store wiring. Run with ``inferlog run result-store``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from inferlog.consume import run_in_order
+from inferlog.db import connect_pool
+from inferlog.kafka import make_consumer, make_producer
+from inferlog.runtime import stop_on_signals
+from inferlog.topics import Topics, ensure_topics
+from inferlog_store.handlers import StoreHandler
+from inferlog_store.settings import StoreSettings
+from inferlog_store.sink import ResultSink
+
+
+async def serve(settings: StoreSettings) -> None:
+    common = settings.common
+    topics = Topics.from_settings(common)
+    await ensure_topics(common.kafka_bootstrap, topics, create=False)
+    pool = await connect_pool(common.postgres_url, common.postgres_schema)
+    producer = make_producer(common.kafka_bootstrap)
+    consumer = make_consumer(common.kafka_bootstrap, settings.group_id)
+    consumer.subscribe([topics.events, topics.results])
+    await producer.start()
+    await consumer.start()
+    stop = stop_on_signals()
+    try:
+        await run_in_order(consumer, StoreHandler(ResultSink(pool), producer, topics), stop,
+                           max_records=settings.max_batch)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await pool.close()
+
+
+def run(settings: StoreSettings | None = None) -> None:
+    asyncio.run(serve(settings or StoreSettings()))

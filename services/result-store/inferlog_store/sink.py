@@ -1,0 +1,76 @@
+"""ResultSink: applies events and results to Postgres, idempotently.
+
+- Status only moves forward: an update whose rank is not above the stored one changes nothing.
+- The first terminal result wins: ``results`` is insert-only (ON CONFLICT DO NOTHING), and once a request's
+  status is terminal its status and timings are final.
+- A request the ledger has never seen (a direct producer's record) gets a row on first sight.
+
+Applying the same batch twice has the same effect as applying it once, which is what lets the consumer
+commit offsets only after the transaction and re-read safely after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from inferlog.errors import StoreUnavailable
+from inferlog.messages import EventRecord, ResultRecord
+
+_TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+
+_ADVANCE_STATUS = """
+INSERT INTO requests (request_id, status, status_rank, model, tenant, timings)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb)
+ON CONFLICT (request_id) DO UPDATE SET
+    status      = CASE WHEN requests.status_rank < EXCLUDED.status_rank THEN EXCLUDED.status
+                       ELSE requests.status END,
+    timings     = CASE WHEN requests.status_rank < 100 THEN requests.timings || EXCLUDED.timings
+                       ELSE requests.timings END,
+    status_rank = GREATEST(requests.status_rank, EXCLUDED.status_rank),
+    updated_at  = now()
+"""
+
+_INSERT_RESULT = """
+INSERT INTO results (request_id, status, model, model_version, text, finish_reason,
+                     prompt_tokens, completion_tokens, error, worker_id, tenant, timings)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12::jsonb)
+ON CONFLICT (request_id) DO NOTHING
+"""
+
+
+class ResultSink:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def apply(self, events: list[EventRecord], results: list[ResultRecord]) -> None:
+        """Apply a batch in one transaction. Raises StoreUnavailable when Postgres does not answer."""
+        status_rows = [
+            (e.request_id, e.status.value, e.status.rank, None, None, e.timings.model_dump_json(exclude_none=True))
+            for e in events
+        ]
+        status_rows += [
+            (r.request_id, r.status.value, r.status.rank, r.model, r.tenant,
+             r.timings.model_dump_json(exclude_none=True))
+            for r in results
+        ]
+        result_rows = [
+            (
+                r.request_id, r.status.value, r.model, r.model_version, r.text, r.finish_reason,
+                r.usage.prompt_tokens, r.usage.completion_tokens,
+                r.error.model_dump_json(exclude_none=True) if r.error else None,
+                r.worker_id, r.tenant, r.timings.model_dump_json(exclude_none=True),
+            )
+            for r in results
+        ]
+        # One lock order for every writer: concurrent sinks never deadlock on each other's rows.
+        status_rows.sort(key=lambda row: row[0])
+        result_rows.sort(key=lambda row: row[0])
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Results first: the row that wins the insert is the one whose status the ledger shows.
+                if result_rows:
+                    await conn.executemany(_INSERT_RESULT, result_rows)
+                if status_rows:
+                    await conn.executemany(_ADVANCE_STATUS, status_rows)
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"result store unavailable: {exc}") from exc

@@ -1,0 +1,36 @@
+"""Tokenizer wiring. Run with ``inferlog run tokenizer``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from inferlog.kafka import make_consumer, make_producer
+from inferlog.models import ModelRegistry
+from inferlog.consume import run_in_order
+from inferlog.runtime import stop_on_signals
+from inferlog.topics import Topics, ensure_topics
+from inferlog_tokenizer.handlers import TokenizeHandler
+from inferlog_tokenizer.prep import RequestPreparer
+from inferlog_tokenizer.settings import TokenizerSettings
+
+
+async def serve(settings: TokenizerSettings) -> None:
+    common = settings.common
+    topics = Topics.from_settings(common)
+    await ensure_topics(common.kafka_bootstrap, topics, create=False)
+    producer = make_producer(common.kafka_bootstrap)
+    consumer = make_consumer(common.kafka_bootstrap, settings.group_id)
+    consumer.subscribe([topics.requests])
+    await producer.start()
+    await consumer.start()
+    stop = stop_on_signals()
+    handler = TokenizeHandler(RequestPreparer(ModelRegistry(common), settings.max_max_tokens), producer, topics)
+    try:
+        await run_in_order(consumer, handler, stop, max_records=settings.max_batch)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def run(settings: TokenizerSettings | None = None) -> None:
+    asyncio.run(serve(settings or TokenizerSettings()))

@@ -1,0 +1,177 @@
+"""From a requests-topic record to what comes next: a tokenized record, or a terminal result for a
+request that can never run (and a dead letter for a record that is broken). No broker here."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from inferlog.errors import InvalidRequest
+from inferlog.messages import (
+    DeadLetter,
+    ErrorInfo,
+    RequestRecord,
+    ResultRecord,
+    Status,
+    TokenizedRecord,
+    now,
+)
+from inferlog.models import ModelRegistry
+from inferlog.prompting import PromptFormatter
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """A consumed record as this module needs it (so tests need no broker)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass
+class Prepared:
+    tokenized: list[TokenizedRecord] = field(default_factory=list)
+    results: list[ResultRecord] = field(default_factory=list)
+    """Terminal outcomes decided here: failed (invalid) or expired."""
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+class RequestPreparer:
+    def __init__(self, registry: ModelRegistry, max_max_tokens: int) -> None:
+        self._registry = registry
+        self._max_max_tokens = max_max_tokens
+        self._formatters: dict[str, tuple[PromptFormatter, int]] = {}
+
+    def _formatter(self, model_name: str) -> tuple[PromptFormatter, int]:
+        if model_name not in self._formatters:
+            model = self._registry.get(model_name)
+            self._formatters[model_name] = (PromptFormatter(model.directory), model.context_length())
+        return self._formatters[model_name]
+
+    def prepare(self, raws: list[RawRecord]) -> Prepared:
+        out = Prepared()
+        valid: list[RequestRecord] = []
+        at = now()
+        for raw in raws:
+            record = self._parse(raw, out)
+            if record is None:
+                continue
+            if record.deadline_at is not None and record.deadline_at <= at:
+                out.results.append(_terminal(record, Status.EXPIRED, "The request's deadline passed before it was "
+                                             "tokenized.", code="deadline_exceeded", at=at))
+                continue
+            try:
+                self._registry.get(record.model)
+                self._check_params(record)
+            except InvalidRequest as exc:
+                out.results.append(_failed(record, exc, at))
+                out.dead.append(_dead(raw, str(exc), record.request_id))
+                continue
+            valid.append(record)
+        by_model: dict[str, list[RequestRecord]] = defaultdict(list)
+        for record in valid:
+            by_model[record.model].append(record)
+        for model_name, records in by_model.items():
+            self._tokenize(model_name, records, out, at)
+        return out
+
+    def _parse(self, raw: RawRecord, out: Prepared) -> RequestRecord | None:
+        try:
+            if raw.value is None:
+                raise ValueError("the record has no value")
+            return RequestRecord.model_validate_json(raw.value)
+        except (ValidationError, ValueError) as exc:
+            request_id = _request_id_of(raw)
+            reason = _describe(exc)
+            out.dead.append(_dead(raw, reason, request_id))
+            if request_id is not None:
+                out.results.append(ResultRecord(
+                    request_id=request_id, status=Status.FAILED,
+                    error=ErrorInfo(message=f"The request record is invalid: {reason}", code="invalid_record"),
+                ))
+            return None
+
+    def _check_params(self, record: RequestRecord) -> None:
+        if (record.messages is None) == (record.prompt is None):
+            raise InvalidRequest("give exactly one of 'messages' and 'prompt'", param="messages")
+        if record.messages is not None and not record.messages:
+            raise InvalidRequest("messages must not be empty", param="messages")
+        if record.prompt is not None and not record.prompt:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        if record.params.max_tokens > self._max_max_tokens:
+            raise InvalidRequest(f"max_tokens is {record.params.max_tokens}; the most allowed is "
+                                 f"{self._max_max_tokens}", param="max_tokens")
+
+    def _tokenize(self, model_name: str, records: list[RequestRecord], out: Prepared, at: float) -> None:
+        formatter, context = self._formatter(model_name)
+        chats = [r for r in records if r.messages is not None]
+        prompts = [r for r in records if r.messages is None]
+        encoded = dict(zip((r.request_id for r in chats),
+                           formatter.encode_chats([r.messages or [] for r in chats]), strict=True))
+        encoded.update(zip((r.request_id for r in prompts),
+                           formatter.encode_prompts([r.prompt or "" for r in prompts]), strict=True))
+        for record in records:
+            ids = encoded[record.request_id]
+            if len(ids) + record.params.max_tokens > context:
+                param = "messages" if record.messages is not None else "prompt"
+                out.results.append(_failed(record, InvalidRequest(
+                    f"The prompt ({len(ids)} tokens) plus max_tokens ({record.params.max_tokens}) exceeds the "
+                    f"model's context of {context} tokens.", param=param, code="context_length_exceeded"), at))
+                continue
+            out.tokenized.append(TokenizedRecord(
+                request_id=record.request_id, model=record.model, input_ids=ids, params=record.params,
+                priority=record.priority, session_id=record.session_id, tenant=record.tenant,
+                deadline_at=record.deadline_at, timings=record.timings.merged(tokenized_at=at),
+            ))
+
+
+def _request_id_of(raw: RawRecord) -> str | None:
+    """The request ID of a broken record, from its body if readable, else its key."""
+    try:
+        value = json.loads(raw.value or b"")
+        candidate = value.get("request_id") if isinstance(value, dict) else None
+        if isinstance(candidate, str) and 0 < len(candidate) <= 128:
+            return candidate
+    except (ValueError, UnicodeDecodeError):
+        pass
+    if raw.key:
+        key = raw.key.decode("utf-8", "replace")
+        return key if len(key) <= 128 else None
+    return None
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "record"
+        return f"{where}: {first.get('msg')}"
+    return str(exc)
+
+
+def _terminal(record: RequestRecord, status: Status, message: str, *, code: str, at: float) -> ResultRecord:
+    return ResultRecord(
+        request_id=record.request_id, status=status, model=record.model, tenant=record.tenant,
+        error=ErrorInfo(message=message, code=code, type="invalid_request_error"),
+        timings=record.timings.merged(completed_at=at),
+    )
+
+
+def _failed(record: RequestRecord, exc: InvalidRequest, at: float) -> ResultRecord:
+    return ResultRecord(
+        request_id=record.request_id, status=Status.FAILED, model=record.model, tenant=record.tenant,
+        error=ErrorInfo(message=exc.message, code=exc.code, param=exc.param), finish_reason="error",
+        timings=record.timings.merged(completed_at=at),
+    )
+
+
+def _dead(raw: RawRecord, reason: str, request_id: str | None) -> DeadLetter:
+    return DeadLetter(
+        stage="tokenizer", error=reason, topic=raw.topic, partition=raw.partition, offset=raw.offset,
+        request_id=request_id, value=(raw.value or b"").decode("utf-8", "replace"),
+    )

@@ -1,0 +1,94 @@
+"""The ``inferlog`` command: ``up``, ``run <service>``, ``prepare``, ``migrate``, ``topics``, ``schemas``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+SERVICES = ("gateway", "tokenizer", "gpu-worker", "result-store")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inferlog", description="LLM inference over a durable log.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start broker (if needed), migrations, model, topics and the four services")
+    up.add_argument("--host", default=None, help="gateway address (default INFERLOG_GATEWAY_HOST or 127.0.0.1)")
+    up.add_argument("--port", type=int, default=None, help="gateway port (default INFERLOG_GATEWAY_PORT or 8000)")
+    run = sub.add_parser("run", help="run one service in the foreground")
+    run.add_argument("service", choices=SERVICES)
+    sub.add_parser("prepare", help="convert every registered GGUF model into its cached HF directory")
+    sub.add_parser("migrate", help="apply the database migrations")
+    sub.add_parser("topics", help="create the topics (if missing) and check their partition counts")
+    schemas = sub.add_parser("schemas", help="export the records' JSON Schema into schemas/")
+    schemas.add_argument("--out", type=Path, default=Path("schemas"))
+    args = parser.parse_args(argv)
+
+    from inferlog.runtime import configure_logging
+
+    configure_logging(args.service if args.command == "run" else "inferlog")
+    if args.command == "run":
+        return _run_service(args.service)
+    if args.command == "schemas":
+        return _export_schemas(args.out)
+
+    from inferlog.config import InferlogSettings
+
+    settings = InferlogSettings()
+    if args.command == "up":
+        from inferlog.stack import up as stack_up
+        from inferlog_gateway.settings import GatewaySettings
+
+        gateway = GatewaySettings()
+        return stack_up(settings, args.host or gateway.host, args.port or gateway.port)
+    if args.command == "prepare":
+        from inferlog.models import ModelRegistry, prepare
+
+        for model in ModelRegistry(settings):
+            prepare(model)
+            print(f"{model.name}: {model.directory} ({model.version()})")
+        return 0
+    if args.command == "migrate":
+        from inferlog.db import migrate
+
+        applied = asyncio.run(migrate(settings.postgres_url, settings.postgres_schema))
+        print(f"applied: {applied or 'nothing (up to date)'}")
+        return 0
+    if args.command == "topics":
+        from inferlog.topics import Topics, ensure_topics
+
+        topics = Topics.from_settings(settings)
+        asyncio.run(ensure_topics(settings.kafka_bootstrap, topics))
+        print("\n".join(f"{name}: {count} partitions" for name, count in topics.layout().items()))
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _run_service(service: str) -> int:
+    if service == "gateway":
+        from inferlog_gateway.main import run
+    elif service == "tokenizer":
+        from inferlog_tokenizer.main import run
+    elif service == "gpu-worker":
+        from inferlog_worker.main import run
+    else:
+        from inferlog_store.main import run
+    run()
+    return 0
+
+
+def _export_schemas(out: Path) -> int:
+    from inferlog.messages import EXPORTED_MODELS
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in EXPORTED_MODELS.items():
+        (out / f"{name}.schema.json").write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
+        print(out / f"{name}.schema.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Settings shared by every inferlog process.
+
+Each service builds its own Settings class (``env_prefix`` ``INFERLOG_<SERVICE>_``) once at start-up and
+holds an ``InferlogSettings`` for what all of them share: where the broker, Postgres and Redis are, the
+topic prefix, and the model registry. Nothing else in the code base reads the environment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+class ModelSpec(BaseModel):
+    """One entry of the model registry: a name clients ask for and where its weights live."""
+
+    name: str = Field(min_length=1, max_length=128)
+    """The name clients put in ``model``."""
+    path: str | None = None
+    """An HF causal-LM directory, or a ``.gguf`` file. None means the bundled SmolLM2, prepared into the cache."""
+    gguf_file: str | None = None
+    """Where the weights come from when ``path`` is None: a GGUF converted once into an HF directory."""
+
+
+def _default_models() -> list[ModelSpec]:
+    return [ModelSpec(name=DEFAULT_MODEL_NAME)]
+
+
+class InferlogSettings(BaseSettings):
+    """What every inferlog process shares. Environment: ``INFERLOG_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERLOG_", extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    """Kafka bootstrap servers, comma separated."""
+    topic_prefix: str = Field(default="inferlog", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    """Prefix of every topic name (``<prefix>.requests.v1``); tests use a fresh one per run."""
+    topic_partitions: int = Field(default=4, ge=1, le=256)
+    """Partition count of the requests, tokenized, events and results topics."""
+    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    """Postgres DSN of the ledger and result store."""
+    postgres_schema: str = Field(default="inferlog", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    """Database schema holding inferlog's tables; tests use a fresh one per run."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL for worker load hashes (and, later, hot status and streaming)."""
+    redis_prefix: str = Field(default="inferlog", pattern=r"^[A-Za-z0-9._:-]{1,100}$")
+    """Prefix of every Redis key."""
+    models: list[ModelSpec] = Field(default_factory=_default_models)
+    """The model registry, as JSON: ``[{"name": ..., "path": ...}]``. A request for any other model is 404."""
+    default_model: str = DEFAULT_MODEL_NAME
+    """The model used when a request names none."""
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "inferlog")
+    """Where prepared (converted) models are kept."""
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value)
+        return value
+
+    @model_validator(mode="after")
+    def _default_model_is_registered(self) -> InferlogSettings:
+        names = [m.name for m in self.models]
+        if not names:
+            raise ValueError("INFERLOG_MODELS is empty: register at least one model")
+        if len(set(names)) != len(names):
+            raise ValueError(f"INFERLOG_MODELS has duplicate names: {names}")
+        if self.default_model not in names:
+            raise ValueError(
+                f"INFERLOG_DEFAULT_MODEL={self.default_model!r} is not in INFERLOG_MODELS ({names}); "
+                "set INFERLOG_DEFAULT_MODEL to one of them"
+            )
+        return self

@@ -1,0 +1,46 @@
+"""The in-order consumer loop of the tokenizer and the result-store.
+
+Their records finish in fetch order, so a batch is: fetch, hand every record on durably (the handler
+returns only after the broker or Postgres acknowledged its output), then commit each partition past the
+batch. A crash between the two re-reads the batch, which the idempotent sinks absorb. Records that can
+never succeed are the handler's to dead-letter; an exception from it (a store or broker outage) stops
+the loop with nothing committed.
+
+(FastStream's Kafka subscriber would do the same; this loop is kept to aiokafka so every service has
+one explicit ack policy and the same consumer settings.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+log = logging.getLogger(__name__)
+
+BatchHandler = Callable[[list[ConsumerRecord]], Awaitable[None]]
+
+
+async def run_in_order(
+    consumer: AIOKafkaConsumer,
+    handle: BatchHandler,
+    stop: asyncio.Event,
+    *,
+    max_records: int = 256,
+    poll_ms: int = 100,
+) -> None:
+    """Fetch, hand on, commit, until ``stop`` is set. The consumer must be started and subscribed."""
+    while not stop.is_set():
+        fetched = await consumer.getmany(timeout_ms=poll_ms, max_records=max_records)
+        if not fetched:
+            continue
+        records = [record for batch in fetched.values() for record in batch]
+        await handle(records)
+        await consumer.commit(_past_last(fetched))
+
+
+def _past_last(fetched: dict[TopicPartition, list[ConsumerRecord]]) -> dict[TopicPartition, OffsetAndMetadata]:
+    return {tp: OffsetAndMetadata(batch[-1].offset + 1, "") for tp, batch in fetched.items() if batch}

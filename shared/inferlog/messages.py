@@ -1,0 +1,193 @@
+"""The records on inferlog's topics: the contract between stages and with outside producers.
+
+Every record carries ``schema_version``. Within a version only optional fields are added; a breaking change
+is a new version (and new topic names, ``*.v2``) running beside the old one. ``schemas/`` holds the JSON
+Schema exported from these models (``inferlog schemas``), checked against them by a test.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+MAX_REQUEST_ID_LEN = 128
+
+
+def now() -> float:
+    """Wall-clock time as every timing field stores it: Unix seconds."""
+    return time.time()
+
+
+class Status(StrEnum):
+    """A request's life. It only moves forward; the last four are terminal and final."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    TOKENIZED = "tokenized"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def rank(self) -> int:
+        """Order along the life; every terminal status shares the top rank, so the first one wins."""
+        return _RANK[self]
+
+
+_TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
+_RANK = {
+    Status.RECEIVED: 0,
+    Status.QUEUED: 1,
+    Status.TOKENIZED: 2,
+    Status.RUNNING: 3,
+    **{s: 100 for s in _TERMINAL},
+}
+
+
+class Priority(StrEnum):
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ChatMessage(_Record):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+
+
+class Timings(_Record):
+    """One definition of a request's timestamps (Unix seconds), filled in stage by stage."""
+
+    received_at: float | None = None
+    queued_at: float | None = None
+    tokenized_at: float | None = None
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    completed_at: float | None = None
+
+    def merged(self, **stamps: float | None) -> Timings:
+        return self.model_copy(update={k: v for k, v in stamps.items() if v is not None})
+
+
+class GenerationParams(_Record):
+    """How to generate. Ranges are checked by the gateway and again by the tokenizer (direct producers)."""
+
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    """0 is greedy decoding (the default, so the same request gives the same answer)."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    seed: int | None = None
+    ignore_eos: bool = False
+    """Generate exactly ``max_tokens`` tokens (benchmarks and fault tests), as vLLM's ``ignore_eos``."""
+
+
+class RequestRecord(_Record):
+    """``<prefix>.requests.v1``, key ``request_id``: a job as submitted (by the gateway or a direct producer)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str = Field(min_length=1, max_length=MAX_REQUEST_ID_LEN)
+    model: str
+    messages: list[ChatMessage] | None = Field(default=None, repr=False)
+    prompt: str | None = Field(default=None, repr=False)
+    params: GenerationParams
+    priority: Priority = Priority.INTERACTIVE
+    session_id: str | None = None
+    tenant: str | None = None
+    deadline_at: float | None = None
+    """Absolute deadline (Unix seconds); past it any stage ends the request ``expired``."""
+    timings: Timings = Field(default_factory=Timings)
+
+
+class TokenizedRecord(_Record):
+    """``<prefix>.tokenized.{interactive,batch}.v1``, key ``request_id``: ready for a worker."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str = Field(min_length=1, max_length=MAX_REQUEST_ID_LEN)
+    model: str
+    input_ids: list[int] = Field(repr=False, min_length=1)
+    params: GenerationParams
+    priority: Priority = Priority.INTERACTIVE
+    session_id: str | None = None
+    tenant: str | None = None
+    deadline_at: float | None = None
+    timings: Timings = Field(default_factory=Timings)
+
+
+class EventRecord(_Record):
+    """``<prefix>.events.v1``, key ``request_id``: a status transition, with the timings so far."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str
+    status: Status
+    stage: Literal["gateway", "tokenizer", "gpu-worker", "result-store"]
+    at: float = Field(default_factory=now)
+    timings: Timings = Field(default_factory=Timings)
+    worker_id: str | None = None
+
+
+class Usage(_Record):
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+
+
+class ErrorInfo(_Record):
+    """Why a request failed, in words a person can act on; ``code`` is machine-readable."""
+
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+
+
+class ResultRecord(_Record):
+    """``<prefix>.results.v1``, key ``request_id``: the terminal outcome. The store keeps the first one."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str
+    status: Status
+    model: str | None = None
+    model_version: str | None = None
+    text: str | None = Field(default=None, repr=False)
+    finish_reason: Literal["stop", "length", "cancelled", "error"] | None = None
+    usage: Usage = Field(default_factory=Usage)
+    error: ErrorInfo | None = None
+    timings: Timings = Field(default_factory=Timings)
+    worker_id: str | None = None
+    tenant: str | None = None
+
+
+class DeadLetter(_Record):
+    """``<prefix>.dlq.v1``: a record that can never succeed, with where it came from and why."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    stage: str
+    error: str
+    topic: str
+    partition: int
+    offset: int
+    request_id: str | None = None
+    value: str = Field(repr=False)
+    """The original record's bytes, decoded as UTF-8 with replacement."""
+    at: float = Field(default_factory=now)
+
+
+EXPORTED_MODELS: dict[str, type[BaseModel]] = {
+    "request.v1": RequestRecord,
+    "tokenized.v1": TokenizedRecord,
+    "event.v1": EventRecord,
+    "result.v1": ResultRecord,
+    "dlq.v1": DeadLetter,
+}

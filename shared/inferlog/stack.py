@@ -1,0 +1,177 @@
+"""``inferlog up``: the whole stack on one machine, as child processes.
+
+Order: broker (started here when none answers at the bootstrap address), migrations, model preparation,
+topics, then the services downstream-first (result-store, gpu-worker, tokenizer, gateway), each waited
+for until ready, so that when the gateway URL is printed a submit goes all the way through. Ctrl-C or
+SIGTERM stops them in the reverse order (each finishes and commits within its grace period). If a
+service dies, the stack stops and ``up`` exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from redis import Redis
+
+from inferlog import broker
+from inferlog.config import InferlogSettings
+from inferlog.db import migrate
+from inferlog.errors import ConfigError
+from inferlog.models import ModelRegistry, prepare
+from inferlog.topics import Topics, ensure_topics
+
+log = logging.getLogger("inferlog.up")
+
+STOP_GRACE_S = 40.0
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+
+
+class Stack:
+    def __init__(self, settings: InferlogSettings, *, gateway_host: str, gateway_port: int,
+                 worker_id: str = "local-worker-1") -> None:
+        self.settings = settings
+        self.gateway_url = f"http://{gateway_host}:{gateway_port}"
+        self._worker_id = worker_id
+        self._env = dict(os.environ, INFERLOG_WORKER_WORKER_ID=worker_id,
+                         INFERLOG_GATEWAY_HOST=gateway_host, INFERLOG_GATEWAY_PORT=str(gateway_port))
+        self.children: list[Child] = []
+        self._broker: subprocess.Popen[bytes] | None = None
+
+    # -- bring-up -------------------------------------------------------------------------------------------
+
+    def up(self) -> None:
+        s = self.settings
+        host, port = broker.parse_bootstrap(s.kafka_bootstrap)
+        if broker.port_answers(host, port):
+            log.info("using the broker at %s", s.kafka_bootstrap)
+        elif host in ("127.0.0.1", "localhost", "::1"):
+            log.info("no broker at %s: starting Tansu (in-memory log)", s.kafka_bootstrap)
+            self._broker = broker.start_tansu(host, port)
+            print(f"broker pid={self._broker.pid} (tansu on {host}:{port})", flush=True)
+        else:
+            raise ConfigError(f"no broker answers at {s.kafka_bootstrap}")
+        applied = asyncio.run(migrate(s.postgres_url, s.postgres_schema))
+        log.info("database schema %s ready (%d migrations applied)", s.postgres_schema, len(applied))
+        self._check_redis()
+        for model in ModelRegistry(s):
+            if not model.is_prepared:
+                print(f"preparing model {model.name} (once; cached in {model.directory})", flush=True)
+            prepare(model)
+        asyncio.run(ensure_topics(s.kafka_bootstrap, Topics.from_settings(s)))
+        self._spawn("result-store")
+        self._spawn("gpu-worker")
+        self._wait_until(self._worker_ready, "gpu-worker", timeout=300)
+        self._spawn("tokenizer")
+        self._spawn("gateway")
+        self._wait_until(self._gateway_ready, "gateway", timeout=60)
+
+    def _check_redis(self) -> None:
+        client = Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
+        try:
+            client.ping()
+        except Exception as exc:  # redis raises several connection error types
+            raise ConfigError(f"Redis at {self.settings.redis_url} did not answer: {exc}") from exc
+        finally:
+            client.close()
+
+    def _spawn(self, service: str) -> None:
+        proc = subprocess.Popen([sys.executable, "-m", "inferlog.cli", "run", service], env=self._env)
+        self.children.append(Child(service, proc))
+        print(f"{service} pid={proc.pid}", flush=True)
+
+    def _wait_until(self, ready, name: str, timeout: float) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_children()
+            if ready():
+                return
+            time.sleep(0.2)
+        raise ConfigError(f"{name} was not ready after {timeout:.0f}s")
+
+    def _worker_ready(self) -> bool:
+        client = Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
+        try:
+            return bool(client.exists(f"{self.settings.redis_prefix}:worker:{self._worker_id}"))
+        finally:
+            client.close()
+
+    def _gateway_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.gateway_url}/readyz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    # -- running and stopping -------------------------------------------------------------------------------
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            code = child.proc.poll()
+            if code is not None:
+                raise ConfigError(f"{child.name} (pid {child.proc.pid}) exited with code {code}")
+
+    def wait(self, stop: list[bool]) -> None:
+        while not stop:
+            self._check_children()
+            time.sleep(0.5)
+
+    def down(self) -> None:
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time: killing it", child.name)
+                child.proc.kill()
+                child.proc.wait()
+        if self._broker is not None:
+            self._broker.terminate()
+            try:
+                self._broker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._broker.kill()
+
+
+def up(settings: InferlogSettings, gateway_host: str, gateway_port: int) -> int:
+    stack = Stack(settings, gateway_host=gateway_host, gateway_port=gateway_port)
+    stop: list[bool] = []
+
+    def _stop(signum: int, _frame: object) -> None:
+        stop.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        stack.up()
+        print(f"inferlog is up: {stack.gateway_url}", flush=True)
+        print(f"  try: curl -X POST {stack.gateway_url}/v1/requests -H 'content-type: application/json' "
+              "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}],"
+              "\"max_tokens\":32}'", flush=True)
+        stack.wait(stop)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except ConfigError as exc:
+        print(f"inferlog up: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.down()
+        print("inferlog is down", flush=True)
