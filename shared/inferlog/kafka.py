@@ -29,7 +29,7 @@ def make_producer(bootstrap: str, *, request_timeout_ms: int = 10_000, **overrid
 
 
 def make_consumer(
-    bootstrap: str, group_id: str, *, fetch_max_wait_ms: int = 10, **overrides: Any
+    bootstrap: str, group_id: str | None, *, fetch_max_wait_ms: int = 10, **overrides: Any
 ) -> AIOKafkaConsumer:
     options: dict[str, Any] = dict(
         bootstrap_servers=bootstrap,
