@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from pathlib import Path
-
-SERVICES = ("gateway", "tokenizer", "gpu-worker", "result-store")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--host", default=None, help="gateway address (default INFERLOG_GATEWAY_HOST or 127.0.0.1)")
     up.add_argument("--port", type=int, default=None, help="gateway port (default INFERLOG_GATEWAY_PORT or 8000)")
     run = sub.add_parser("run", help="run one service in the foreground")
-    run.add_argument("service", choices=SERVICES)
+    run.add_argument("service", choices=list(_SERVICE_MODULES))
     sub.add_parser("prepare", help="convert every registered GGUF model into its cached HF directory")
     sub.add_parser("migrate", help="apply the database migrations")
     sub.add_parser("topics", help="create the topics (if missing) and check their partition counts")
@@ -67,16 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+_SERVICE_MODULES = {
+    "gateway": "inferlog_gateway.main",
+    "tokenizer": "inferlog_tokenizer.main",
+    "gpu-worker": "inferlog_worker.main",
+    "result-store": "inferlog_store.main",
+}
+
+
 def _run_service(service: str) -> int:
-    if service == "gateway":
-        from inferlog_gateway.main import run
-    elif service == "tokenizer":
-        from inferlog_tokenizer.main import run
-    elif service == "gpu-worker":
-        from inferlog_worker.main import run
-    else:
-        from inferlog_store.main import run
-    run()
+    importlib.import_module(_SERVICE_MODULES[service]).run()
     return 0
 
 

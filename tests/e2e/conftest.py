@@ -66,7 +66,8 @@ def inferlog_up(settings: InferlogSettings, *, timeout: float = 300, extra_env: 
             raise
         host, broker_port = broker.parse_bootstrap(settings.kafka_bootstrap)
         _wait_port_free(host, broker_port)
-        assert code == 0, "inferlog up exited with %s:\n%s" % (code, "".join(stack.lines[-60:]))
+        tail = "".join(stack.lines[-60:])
+        assert code == 0, f"inferlog up exited with {code}:\n{tail}"
         for name, pid in stack.pids.items():
             assert not _alive(pid), f"{name} (pid {pid}) outlived inferlog up"
 

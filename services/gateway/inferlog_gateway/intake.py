@@ -17,8 +17,6 @@ from inferlog.prompting import PromptFormatter
 from inferlog_gateway.api import REQUEST_ID_PATTERN, SubmitBody
 from inferlog_gateway.settings import GatewaySettings
 
-
-
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 

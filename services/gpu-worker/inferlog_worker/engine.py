@@ -196,16 +196,17 @@ class GpuWorker:
     def _result(self, record: TokenizedRecord, done: GenerationDone, admitted_at: float) -> ResultRecord:
         timings = record.timings.merged(admitted_at=admitted_at, first_token_at=done.first_token_at,
                                         completed_at=done.completed_at)
-        common = dict(request_id=record.request_id, model=record.model, model_version=self._runner.version,
-                      tenant=record.tenant, worker_id=self.worker_id, timings=timings,
-                      usage=Usage(prompt_tokens=len(record.input_ids), completion_tokens=len(done.token_ids)))
+        result = ResultRecord(
+            request_id=record.request_id, status=Status.COMPLETED, model=record.model,
+            model_version=self._runner.version, tenant=record.tenant, worker_id=self.worker_id, timings=timings,
+            usage=Usage(prompt_tokens=len(record.input_ids), completion_tokens=len(done.token_ids)),
+            finish_reason=done.finish_reason, text=done.text)
         if done.finish_reason == "error":
-            return ResultRecord(status=Status.FAILED, finish_reason="error", error=ErrorInfo(
-                message=f"generation failed: {done.error}", type="server_error", code="generation_failed"),
-                **common)
+            return result.model_copy(update={"status": Status.FAILED, "text": None, "error": ErrorInfo(
+                message=f"generation failed: {done.error}", type="server_error", code="generation_failed")})
         if done.finish_reason == "cancelled":
-            return ResultRecord(status=Status.CANCELLED, finish_reason="cancelled", text=done.text, **common)
-        return ResultRecord(status=Status.COMPLETED, finish_reason=done.finish_reason, text=done.text, **common)
+            return result.model_copy(update={"status": Status.CANCELLED})
+        return result
 
     async def _hand_on(self, outgoing: list[Outgoing], positions: list[tuple[TopicPartition, int]]) -> None:
         """Publish, and once acknowledged mark the records finished so the commit can pass them."""

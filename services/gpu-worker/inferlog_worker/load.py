@@ -57,7 +57,7 @@ class LoadReporter:
         key = load_key(self._prefix, snapshot.worker_id)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping=snapshot.fields())
+                pipe.hset(key, mapping=snapshot.fields())  # type: ignore[arg-type]  # stubs: invariant keys
                 pipe.expire(key, self._ttl_s)
                 await pipe.execute()
         except (RedisError, OSError) as exc:

@@ -44,7 +44,7 @@ class ResultSink:
 
     async def apply(self, events: list[EventRecord], results: list[ResultRecord]) -> None:
         """Apply a batch in one transaction. Raises StoreUnavailable when Postgres does not answer."""
-        status_rows = [
+        status_rows: list[tuple[str, str, int, str | None, str | None, str]] = [
             (e.request_id, e.status.value, e.status.rank, None, None, e.timings.model_dump_json(exclude_none=True))
             for e in events
         ]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from inferlog.consume import run_in_order
 from inferlog.kafka import make_consumer, make_producer
 from inferlog.models import ModelRegistry
-from inferlog.consume import run_in_order
 from inferlog.runtime import stop_on_signals
 from inferlog.topics import Topics, ensure_topics
 from inferlog_tokenizer.handlers import TokenizeHandler
