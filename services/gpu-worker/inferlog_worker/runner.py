@@ -91,8 +91,8 @@ class ModelRunner:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         started = time.monotonic()
-        model = AutoModelForCausalLM.from_pretrained(  # type: ignore[arg-type]  # the stub wraps it
-            str(self.model.directory), dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(str(self.model.directory), dtype=dtype)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() oddly
         self._formatter = PromptFormatter(self.model.directory)
         eos = model.generation_config.eos_token_id
         if isinstance(eos, list):
