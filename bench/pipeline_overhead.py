@@ -82,7 +82,7 @@ async def pipeline(url: str, requests: int, max_tokens: int) -> dict[str, float]
                     job = (await http.get(f"/v1/requests/{rid}")).json()
                     if job["status"] in ("completed", "failed", "cancelled", "expired"):
                         jobs[rid] = job
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.25)  # polling harder steals the worker's CPU on a 2-core machine
         elapsed = time.perf_counter() - started
     tokens = sum(j["result"]["usage"]["completion_tokens"] for j in jobs.values() if j["result"])
     t = [j["timings"] for j in jobs.values()]
@@ -91,6 +91,14 @@ async def pipeline(url: str, requests: int, max_tokens: int) -> dict[str, float]
             "gateway_ms": hop("received_at", "queued_at"), "to_tokenized_ms": hop("queued_at", "tokenized_at"),
             "to_admitted_ms": hop("tokenized_at", "admitted_at"),
             "ttft_ms": hop("received_at", "first_token_at")}
+
+
+async def _drop_schema(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(InferlogSettings().postgres_url)
+    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    await conn.close()
 
 
 def main() -> int:
@@ -116,17 +124,20 @@ def main() -> int:
     base_runs, pipe_runs = [], []
     for round_no in range(args.rounds):
         base_runs.append(asyncio.run(baseline(model_dir, name, args.requests, args.max_tokens)))
-        stack = subprocess.Popen([sys.executable, "-m", "inferlog.cli", "up"], env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL, text=True)
+        log_path = Path(tempfile.mkstemp(suffix=".log")[1])
+        with log_path.open("w") as log:  # a file, not a pipe: an undrained pipe would block the services
+            stack = subprocess.Popen([sys.executable, "-m", "inferlog.cli", "up"], env=env, stdout=log,
+                                     stderr=subprocess.STDOUT)
         try:
-            assert stack.stdout is not None
-            for line in stack.stdout:
-                if line.startswith("inferlog is up"):
-                    break
+            while "inferlog is up" not in log_path.read_text():
+                if stack.poll() is not None:
+                    raise RuntimeError("inferlog up failed:\n" + log_path.read_text()[-4000:])
+                time.sleep(0.2)
             pipe_runs.append(asyncio.run(pipeline(f"http://127.0.0.1:{port}", args.requests, args.max_tokens)))
         finally:
             stack.terminate()
             stack.wait(60)
+            log_path.unlink()
         print(f"round {round_no}: baseline {base_runs[-1]['tokens_per_s']:.1f} tok/s, "
               f"pipeline {pipe_runs[-1]['tokens_per_s']:.1f} tok/s", flush=True)
 
@@ -142,6 +153,7 @@ def main() -> int:
                                                             "ttft_ms")},
         "rounds": {"baseline": base_runs, "pipeline": pipe_runs},
     }
+    asyncio.run(_drop_schema(tag))
     out = ROOT / "bench" / "results" / "pipeline_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -56,6 +56,10 @@ class Topics:
     def dlq(self) -> str:
         return f"{self.prefix}.dlq.v1"
 
+    def group(self, service: str) -> str:
+        """A service's consumer group, under the same prefix, so deployments sharing a broker never mix."""
+        return f"{self.prefix}.{service}"
+
     def layout(self) -> dict[str, int]:
         """Each topic with the partition count it must have."""
         return {
@@ -66,6 +70,18 @@ class Topics:
             self.results: self.partitions,
             self.dlq: 1,
         }
+
+
+async def group_is_consuming(bootstrap: str, group: str) -> bool:
+    """Whether ``group`` has settled (Stable) with at least one member: its consumers are fetching."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
+    await admin.start()
+    try:
+        [response] = await admin.describe_consumer_groups([group])
+        [described] = response.groups
+        return bool(described[0] == 0 and described[2] == "Stable" and described[5])
+    finally:
+        await admin.close()
 
 
 async def ensure_topics(bootstrap: str, topics: Topics, *, create: bool = True) -> None:

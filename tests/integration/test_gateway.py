@@ -34,7 +34,7 @@ async def client(settings: InferlogSettings) -> AsyncIterator[httpx.AsyncClient]
 
 
 async def read_requests_topic(settings: InferlogSettings, request_id: str) -> list[RequestRecord]:
-    consumer = make_consumer(settings.kafka_bootstrap, group_id=None)  # type: ignore[arg-type]
+    consumer = make_consumer(settings.kafka_bootstrap, group_id=None)
     consumer.subscribe([Topics.from_settings(settings).requests])
     await consumer.start()
     found: list[RequestRecord] = []

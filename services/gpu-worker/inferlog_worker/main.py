@@ -40,7 +40,7 @@ def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | N
     common = settings.common
     topics = Topics.from_settings(common)
     consumer = make_consumer(
-        common.kafka_bootstrap, settings.group_id, session_timeout_ms=settings.session_timeout_ms,
+        common.kafka_bootstrap, settings.group_id or topics.group("gpu-workers"), session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms, max_poll_records=settings.max_running)
     tier = TierConsumer(consumer, [topics.tokenized_interactive, topics.tokenized_batch])
     worker = GpuWorker(

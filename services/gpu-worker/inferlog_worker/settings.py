@@ -20,8 +20,8 @@ class WorkerSettings(BaseSettings):
 
     worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=128)
     """This worker's name in its load hash and on every result."""
-    group_id: str = "inferlog-gpu-workers"
-    """Consumer group of the worker tier."""
+    group_id: str | None = None
+    """Consumer group of the worker tier (default ``<topic prefix>.gpu-workers``)."""
     model: str | None = None
     """The registered model this worker serves; the registry's default when unset."""
     device: str = "auto"

@@ -20,7 +20,7 @@ async def serve(settings: StoreSettings) -> None:
     await ensure_topics(common.kafka_bootstrap, topics, create=False)
     pool = await connect_pool(common.postgres_url, common.postgres_schema)
     producer = make_producer(common.kafka_bootstrap)
-    consumer = make_consumer(common.kafka_bootstrap, settings.group_id)
+    consumer = make_consumer(common.kafka_bootstrap, settings.group_id or topics.group("result-store"))
     consumer.subscribe([topics.events, topics.results])
     await producer.start()
     await consumer.start()

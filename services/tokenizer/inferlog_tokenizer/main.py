@@ -19,7 +19,7 @@ async def serve(settings: TokenizerSettings) -> None:
     topics = Topics.from_settings(common)
     await ensure_topics(common.kafka_bootstrap, topics, create=False)
     producer = make_producer(common.kafka_bootstrap)
-    consumer = make_consumer(common.kafka_bootstrap, settings.group_id)
+    consumer = make_consumer(common.kafka_bootstrap, settings.group_id or topics.group("tokenizer"))
     consumer.subscribe([topics.requests])
     await producer.start()
     await consumer.start()

@@ -11,8 +11,8 @@ class TokenizerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="INFERLOG_TOKENIZER_", extra="ignore")
 
-    group_id: str = "inferlog-tokenizer"
-    """Consumer group of the tokenizer tier."""
+    group_id: str | None = None
+    """Consumer group of the tokenizer tier (default ``<topic prefix>.tokenizer``)."""
     max_batch: int = Field(default=256, ge=1, le=10_000)
     """Most records tokenized in one batch."""
     max_max_tokens: int = Field(default=8192, ge=1)
