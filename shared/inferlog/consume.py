@@ -17,7 +17,11 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from inferlog.errors import RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,28 @@ async def run_in_order(
         if not fetched:
             continue
         records = [record for batch in fetched.values() for record in batch]
-        await handle(records)
+        await _until_handed_on(handle, records, stop)
         await consumer.commit(_past_last(fetched))
+
+
+TRANSIENT = (RetryableError, KafkaError, OSError, TimeoutError)
+
+
+async def _until_handed_on(handle: BatchHandler, records: list[ConsumerRecord], stop: asyncio.Event) -> None:
+    """Retry a batch through transient failures (store or broker outages), with exponential backoff and
+    jitter, for as long as they last; nothing is committed meanwhile. Anything else propagates."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(TRANSIENT),
+        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        before_sleep=lambda state: log.warning(
+            "batch of %d waits out a transient failure (attempt %d): %r", len(records), state.attempt_number,
+            state.outcome.exception() if state.outcome else None),
+        reraise=True,
+    ):
+        with attempt:
+            if stop.is_set() and attempt.retry_state.attempt_number > 1:
+                raise asyncio.CancelledError  # shutting down: leave the batch uncommitted
+            await handle(records)
 
 
 def _past_last(fetched: dict[TopicPartition, list[ConsumerRecord]]) -> dict[TopicPartition, OffsetAndMetadata]:

@@ -6,15 +6,17 @@ decides whether an ID is new, the same job again, or a conflicting reuse.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from inferlog.errors import IdempotencyConflict, StoreUnavailable
-from inferlog.messages import RequestRecord, Status
+from inferlog.messages import RequestRecord, Status, now
 
 _TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
 
@@ -33,6 +35,7 @@ class Claim:
     created: bool
     """False when the ID was already claimed with the same payload (an idempotent replay)."""
     status: Status
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,16 @@ class JobView:
     timings: dict[str, float]
     tenant: str | None
 
+    def to_hot(self) -> dict[str, Any]:
+        """The form kept in Redis (inferlog.hot.StatusCache)."""
+        return {**dataclasses.asdict(self), "status": self.status.value, "terminal": self.status.is_terminal()}
+
+    @classmethod
+    def from_hot(cls, hot: dict[str, Any]) -> JobView:
+        fields: dict[str, Any] = {f.name: hot.get(f.name) for f in dataclasses.fields(cls)}
+        fields.update(status=Status(hot["status"]), timings=hot.get("timings") or {})
+        return cls(**fields)
+
 
 class RequestLedger:
     """Claims and reads in the ledger; every asyncpg connection error becomes StoreUnavailable."""
@@ -60,43 +73,71 @@ class RequestLedger:
 
     async def claim(self, record: RequestRecord) -> Claim:
         """Claim ``record.request_id``. Same ID and payload: the existing job; another payload: 422."""
-        digest = payload_hash(record)
+        [outcome] = await self.claim_many([record])
+        if isinstance(outcome, IdempotencyConflict):
+            raise outcome
+        return outcome
+
+    async def claim_many(self, records: list[RequestRecord]) -> list[Claim | IdempotencyConflict]:
+        """Claim each record's ID in one round trip; per record, its Claim or the conflict it hit.
+
+        A row the result-store created on first sight of an unclaimed ID (no payload yet) is claimed too.
+        """
+        digests = [payload_hash(r) for r in records]
+        firsts = list({r.request_id: r for r in reversed(records)}.values())  # one row per ID per statement
         try:
-            row = await self._pool.fetchrow(
-                """
-                INSERT INTO requests (request_id, payload, payload_hash, tenant, model, priority,
-                                      status, status_rank, deadline_at, timings)
-                VALUES ($1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
-                ON CONFLICT (request_id) DO NOTHING
-                RETURNING request_id
-                """,
-                record.request_id,
-                record.model_dump_json(exclude_none=True),
-                digest,
-                record.tenant,
-                record.model,
-                record.priority.value,
-                Status.RECEIVED.value,
-                Status.RECEIVED.rank,
-                record.deadline_at,
-                record.timings.model_dump_json(exclude_none=True),
-            )
-            if row is not None:
-                return Claim(record.request_id, created=True, status=Status.RECEIVED)
-            existing = await self._pool.fetchrow(
-                "SELECT payload_hash, status FROM requests WHERE request_id = $1", record.request_id
-            )
+            async with self._pool.acquire() as conn, conn.transaction():
+                created = {
+                    row["request_id"]
+                    for row in await conn.fetch(
+                        """
+                        INSERT INTO requests (request_id, payload, payload_hash, tenant, model, priority,
+                                              status, status_rank, deadline_at, timings)
+                        SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[], $5::text[],
+                                             $6::text[], $7::text[], $8::smallint[], $9::float8[], $10::jsonb[])
+                        ON CONFLICT (request_id) DO UPDATE
+                            SET payload = EXCLUDED.payload, payload_hash = EXCLUDED.payload_hash,
+                                tenant = EXCLUDED.tenant, model = EXCLUDED.model, priority = EXCLUDED.priority,
+                                deadline_at = EXCLUDED.deadline_at
+                            WHERE requests.payload_hash IS NULL
+                        RETURNING request_id
+                        """,
+                        [r.request_id for r in firsts],
+                        [r.model_dump_json(exclude_none=True) for r in firsts],
+                        [payload_hash(r) for r in firsts],
+                        [r.tenant for r in firsts],
+                        [r.model for r in firsts],
+                        [r.priority.value for r in firsts],
+                        [Status.RECEIVED.value] * len(firsts),
+                        [Status.RECEIVED.rank] * len(firsts),
+                        [r.deadline_at for r in firsts],
+                        [r.timings.model_dump_json(exclude_none=True) for r in firsts],
+                    )
+                }
+                existing = {
+                    row["request_id"]: row
+                    for row in await conn.fetch(
+                        "SELECT request_id, payload_hash, status, cancel_requested_at FROM requests "
+                        "WHERE request_id = ANY($1::text[])",
+                        [r.request_id for r in records],
+                    )
+                }
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
-        if existing is None:  # released between our insert and select: the caller may retry
-            raise StoreUnavailable("claim raced with a release; retry")
-        if existing["payload_hash"] != digest:
-            raise IdempotencyConflict(
-                f"request_id {record.request_id!r} was already used with a different payload; "
-                "use a new request_id (or Idempotency-Key) for a different job",
-                param="request_id",
-            )
-        return Claim(record.request_id, created=False, status=Status(existing["status"]))
+        outcomes: list[Claim | IdempotencyConflict] = []
+        for record, digest in zip(records, digests, strict=True):
+            row = existing[record.request_id]
+            if record.request_id not in created and row["payload_hash"] != digest:
+                outcomes.append(IdempotencyConflict(
+                    f"request_id {record.request_id!r} was already used with a different payload; "
+                    "use a new request_id (or Idempotency-Key) for a different job",
+                    param="request_id",
+                ))
+                continue
+            outcomes.append(Claim(record.request_id, created=record.request_id in created,
+                                  status=Status(row["status"]),
+                                  cancel_requested=row["cancel_requested_at"] is not None))
+        return outcomes
 
     async def mark_published(self, request_id: str, queued_at: float) -> None:
         """The broker acknowledged the record: the job is queued."""
@@ -119,45 +160,101 @@ class RequestLedger:
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
 
-    async def release(self, request_id: str) -> None:
-        """Undo a claim whose record never reached the broker, so the client may submit it again."""
+    async def relay_unpublished(self, publish: Callable[[list[RequestRecord]], Awaitable[None]], *,
+                                older_than_s: float, limit: int = 200) -> int:
+        """The outbox relay's step: publish claims the broker never acknowledged, then mark them published.
+
+        Rows are locked (SKIP LOCKED) for the duration, so several gateways relay disjoint rows. If
+        ``publish`` raises, the transaction rolls back and the rows stay unpublished for the next step.
+        """
         try:
-            await self._pool.execute(
-                "DELETE FROM requests WHERE request_id = $1 AND published = false", request_id
-            )
+            async with self._pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(
+                    """
+                    SELECT request_id, payload FROM requests
+                     WHERE published = false AND payload IS NOT NULL
+                       AND created_at < now() - make_interval(secs => $1)
+                     ORDER BY created_at LIMIT $2
+                     FOR UPDATE SKIP LOCKED
+                    """,
+                    older_than_s, limit,
+                )
+                if not rows:
+                    return 0
+                queued_at = now()
+                records = [RequestRecord.model_validate_json(row["payload"]) for row in rows]
+                records = [r.model_copy(update={"timings": r.timings.merged(queued_at=queued_at)}) for r in records]
+                await publish(records)
+                await conn.execute(
+                    """
+                    UPDATE requests
+                       SET published = true,
+                           status = CASE WHEN status_rank < $2 THEN $3 ELSE status END,
+                           status_rank = GREATEST(status_rank, $2),
+                           timings = timings || jsonb_build_object('queued_at', $4::double precision),
+                           updated_at = now()
+                     WHERE request_id = ANY($1::text[])
+                    """,
+                    [r.request_id for r in records], Status.QUEUED.rank, Status.QUEUED.value, queued_at,
+                )
+                return len(records)
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
 
-    async def get(self, request_id: str) -> JobView | None:
+    async def request_cancel(self, request_id: str, at: float) -> JobView | None:
+        """Set the durable cancel flag (first request wins); the job as it stands, or None if unknown."""
         try:
-            row = await self._pool.fetchrow(
+            await self._pool.execute(
+                "UPDATE requests SET cancel_requested_at = COALESCE(cancel_requested_at, $2) "
+                "WHERE request_id = $1", request_id, at)
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
+        return await self.get(request_id)
+
+    async def terminal_statuses(self, request_ids: list[str]) -> dict[str, Status]:
+        """The stored terminal status of each of these requests that has one."""
+        try:
+            rows = await self._pool.fetch(
+                "SELECT request_id, status FROM results WHERE request_id = ANY($1::text[])", request_ids)
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
+        return {row["request_id"]: Status(row["status"]) for row in rows}
+
+    async def get(self, request_id: str) -> JobView | None:
+        views = await self.get_many([request_id])
+        return views[0] if views else None
+
+    async def get_many(self, request_ids: list[str]) -> list[JobView]:
+        try:
+            rows = await self._pool.fetch(
                 """
                 SELECT q.request_id, COALESCE(r.status, q.status) AS status,
                        COALESCE(r.model, q.model) AS model, r.model_version, r.text, r.finish_reason,
                        r.prompt_tokens, r.completion_tokens, r.error, q.tenant,
                        q.timings || COALESCE(r.timings, '{}'::jsonb) AS timings
                   FROM requests q LEFT JOIN results r USING (request_id)
-                 WHERE q.request_id = $1
+                 WHERE q.request_id = ANY($1::text[])
                 """,
-                request_id,
+                request_ids,
             )
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
-        if row is None:
-            return None
-        return JobView(
-            request_id=row["request_id"],
-            status=Status(row["status"]),
-            model=row["model"],
-            model_version=row["model_version"],
-            text=row["text"],
-            finish_reason=row["finish_reason"],
-            prompt_tokens=row["prompt_tokens"],
-            completion_tokens=row["completion_tokens"],
-            error=json.loads(row["error"]) if row["error"] else None,
-            timings=json.loads(row["timings"]),
-            tenant=row["tenant"],
-        )
+        return [
+            JobView(
+                request_id=row["request_id"],
+                status=Status(row["status"]),
+                model=row["model"],
+                model_version=row["model_version"],
+                text=row["text"],
+                finish_reason=row["finish_reason"],
+                prompt_tokens=row["prompt_tokens"],
+                completion_tokens=row["completion_tokens"],
+                error=json.loads(row["error"]) if row["error"] else None,
+                timings=json.loads(row["timings"]),
+                tenant=row["tenant"],
+            )
+            for row in rows
+        ]
 
     async def ping(self) -> None:
         try:

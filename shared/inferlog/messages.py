@@ -161,7 +161,7 @@ class ResultRecord(_Record):
     model: str | None = None
     model_version: str | None = None
     text: str | None = Field(default=None, repr=False)
-    finish_reason: Literal["stop", "length", "cancelled", "error"] | None = None
+    finish_reason: Literal["stop", "length", "cancelled", "expired", "error"] | None = None
     usage: Usage = Field(default_factory=Usage)
     error: ErrorInfo | None = None
     timings: Timings = Field(default_factory=Timings)

@@ -158,4 +158,4 @@ async def test_still_serving_after_bad_input(client: httpx.AsyncClient) -> None:
         await client.post("/v1/requests", content=b"{", headers=JSON)
     response = await client.post("/v1/requests", json={"messages": CHAT, "max_tokens": 4})
     assert response.status_code == 202
-    assert (await client.get("/readyz")).json() == {"ready": True, "checks": {"postgres": "ok", "broker": "ok"}}
+    assert (await client.get("/readyz")).json() == {"ready": True, "checks": {"postgres": "ok", "broker": "ok", "outbox": "ok"}}

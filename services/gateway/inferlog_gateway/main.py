@@ -9,17 +9,20 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from inferlog.db import connect_pool
+from inferlog.hot import CancelFlags, DeltaStream, Keys, StatusCache
 from inferlog.kafka import make_producer
 from inferlog.ledger import RequestLedger
 from inferlog.models import ModelRegistry
 from inferlog.topics import Topics, ensure_topics
 from inferlog_gateway import errors
 from inferlog_gateway.intake import Intake
+from inferlog_gateway.jobs import JobReader
 from inferlog_gateway.routes import GatewayState, router
 from inferlog_gateway.settings import GatewaySettings
-from inferlog_gateway.submit import Submitter
+from inferlog_gateway.submit import OutboxRelay, Submitter
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +51,28 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 return False
 
         ledger = RequestLedger(pool)
+        redis = Redis.from_url(common.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        keys = Keys(common.redis_prefix)
+        jobs = JobReader(ledger, StatusCache(redis, keys), CancelFlags(redis, keys), DeltaStream(redis, keys))
+        submitter = Submitter(ledger, producer, topics, settings.produce_timeout_s)
+        relay = OutboxRelay(ledger, submitter, interval_s=settings.outbox_interval_s,
+                            grace_s=settings.produce_timeout_s + 1, timeout_s=settings.produce_timeout_s)
+        relay_task = asyncio.create_task(relay.run())
         app.state.gateway = GatewayState(
             intake=intake,
-            submitter=Submitter(ledger, producer, topics, settings.produce_timeout_s),
+            submitter=submitter,
             ledger=ledger,
             max_body_bytes=settings.max_body_bytes,
             broker_ready=broker_ready,
+            relay=relay,
+            jobs=jobs,
         )
         try:
             yield
         finally:
+            relay_task.cancel()
             await producer.stop()
+            await redis.aclose()
             await pool.close()
 
     app = FastAPI(title="inferlog gateway", lifespan=lifespan)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
 from inferlog.ledger import JobView, RequestLedger
 from inferlog.messages import Status
 from inferlog_gateway.api import Accepted, JobResult, JobStatus
 from inferlog_gateway.intake import Intake, parse_json
-from inferlog_gateway.submit import Submitter
+from inferlog_gateway.jobs import JobReader
+from inferlog_gateway.submit import OutboxRelay, Submitter
 
 
 @dataclass
@@ -24,9 +25,12 @@ class GatewayState:
     ledger: RequestLedger
     max_body_bytes: int
     broker_ready: object  # async () -> bool
+    relay: OutboxRelay
+    jobs: JobReader
 
 
 router = APIRouter()
+MAX_WAIT_S = 60.0
 
 
 def _state(request: Request) -> GatewayState:
@@ -71,11 +75,40 @@ async def submit(request: Request, idempotency_key: str | None = Header(default=
 
 
 @router.get("/v1/requests/{request_id}", name="get_request")
-async def get_request(request_id: str, request: Request) -> JobStatus:
-    job = await _state(request).ledger.get(request_id)
+async def get_request(request_id: str, request: Request,
+                      wait: float = Query(default=0, ge=0, le=MAX_WAIT_S)) -> JobStatus:
+    """The job's status and result. ``wait`` (seconds) long-polls: it returns as soon as the job is
+    terminal, or when the wait ends."""
+    job = await _state(request).jobs.wait(request_id, wait)
     if job is None:
-        raise NotFound(f"No request with id {request_id!r}.", param="request_id")
+        raise _unknown(request_id)
     return job_status(job)
+
+
+@router.delete("/v1/requests/{request_id}")
+async def cancel_request(request_id: str, request: Request) -> JSONResponse:
+    """Cancel a job: a queued one never reaches the model, a running one stops within a decode step.
+    202 while the cancel travels; 200 with the job as it is if it had already ended."""
+    job = await _state(request).jobs.cancel(request_id)
+    if job is None:
+        raise _unknown(request_id)
+    status = 200 if job.status.is_terminal() else 202
+    return JSONResponse(status_code=status, content=job_status(job).model_dump())
+
+
+@router.get("/v1/requests/{request_id}/stream")
+async def stream_request(request_id: str, request: Request) -> StreamingResponse:
+    """Token deltas as Server-Sent Events, from the start of the text, ending with a ``done`` event."""
+    jobs = _state(request).jobs
+    job = await jobs.get(request_id)
+    if job is None:
+        raise _unknown(request_id)
+    return StreamingResponse(jobs.stream(request_id, job), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _unknown(request_id: str) -> NotFound:
+    return NotFound(f"No request with id {request_id!r}.", param="request_id")
 
 
 def job_status(job: JobView) -> JobStatus:
@@ -97,7 +130,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Ready means: can accept and durably record submits (Postgres answers and the broker is reachable)."""
+    """Ready means: can accept and durably record submits: Postgres answers, and the broker is reachable
+    or the outbox relay is healthy (accepted requests wait in the ledger until the broker returns)."""
     state = _state(request)
     checks: dict[str, str] = {}
     try:
@@ -105,6 +139,8 @@ async def readyz(request: Request) -> JSONResponse:
         checks["postgres"] = "ok"
     except StoreUnavailable as exc:
         checks["postgres"] = str(exc)
-    checks["broker"] = "ok" if await state.broker_ready() else "unreachable"  # type: ignore[operator]
-    ready = all(v == "ok" for v in checks.values())
+    broker_up = await state.broker_ready()  # type: ignore[operator]
+    checks["broker"] = "ok" if broker_up else "unreachable"
+    checks["outbox"] = "ok" if state.relay.healthy else "failing"
+    ready = checks["postgres"] == "ok" and (broker_up or state.relay.healthy)
     return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks})

@@ -17,8 +17,11 @@ class GatewaySettings(BaseSettings):
     """Port to listen on."""
     max_body_bytes: int = Field(default=1_000_000, ge=1_024)
     """Largest request body accepted; larger is 413, refused before it is read whole."""
-    produce_timeout_s: float = Field(default=5.0, gt=0, le=60)
-    """How long a submit waits for the broker's acknowledgement before answering 503."""
+    produce_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    """How long a submit waits for the broker's acknowledgement; past it the job is accepted anyway and
+    left to the outbox relay."""
+    outbox_interval_s: float = Field(default=1.0, gt=0, le=60)
+    """How often the outbox relay looks for accepted requests the broker has not acknowledged."""
     default_max_tokens: int = Field(default=256, ge=1)
     """``max_tokens`` when a request gives none."""
     max_max_tokens: int = Field(default=8192, ge=1)

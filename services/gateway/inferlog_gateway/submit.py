@@ -1,8 +1,9 @@
-"""Accepting a job: claim its ID in the ledger, then put its record on the requests topic.
+"""Accepting a job (DESIGN.md, contract 2): claim its ID in the ledger, then put its record on the log.
 
-A 202 means the ID is claimed and the broker acknowledged the record. When the produce fails or times
-out the claim is released and the client gets a 503 (the outbox that turns this into an accept is the
-next step of the design).
+A 202 means the ID is claimed in Postgres with the full payload, and either the broker acknowledged the
+record or the produce failed / timed out and the row stays unpublished for the outbox relay, which
+publishes it once the broker is back (the transactional-outbox pattern). Postgres unreachable is a 503:
+the gateway never accepts what it cannot keep or deduplicate.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from inferlog.errors import BrokerUnavailable
-from inferlog.kafka import encode, key_of
+from inferlog.errors import StoreUnavailable
+from inferlog.kafka import publish_all
 from inferlog.ledger import Claim, RequestLedger
 from inferlog.messages import RequestRecord, Status, now
 from inferlog.topics import Topics
@@ -36,13 +37,47 @@ class Submitter:
         queued_at = now()
         queued = record.model_copy(update={"timings": record.timings.merged(queued_at=queued_at)})
         try:
-            await asyncio.wait_for(
-                self._producer.send_and_wait(self._topics.requests, encode(queued), key=key_of(record.request_id)),
-                self._timeout_s,
-            )
+            await asyncio.wait_for(self.publish([queued]), self._timeout_s)
         except (KafkaError, TimeoutError, OSError) as exc:
-            await self._ledger.release(record.request_id)
-            raise BrokerUnavailable(f"produce of {record.request_id} failed: {exc!r}") from exc
+            log.warning("produce of %s failed (%r): accepted; the outbox relay will publish it",
+                        record.request_id, exc)
+            return claim
         await self._ledger.mark_published(record.request_id, queued_at)
-        log.info("accepted %s", record.request_id)
         return Claim(record.request_id, created=True, status=Status.QUEUED)
+
+    async def publish(self, records: list[RequestRecord]) -> None:
+        await publish_all(self._producer, [(self._topics.requests, r.request_id, r) for r in records])
+
+
+class OutboxRelay:
+    """Publishes claims the broker never acknowledged, every ``interval_s``, once they are ``grace_s`` old
+    (younger ones may still be in their submit's own produce)."""
+
+    def __init__(self, ledger: RequestLedger, submitter: Submitter, *, interval_s: float, grace_s: float,
+                 timeout_s: float) -> None:
+        self._ledger = ledger
+        self._submitter = submitter
+        self._interval_s = interval_s
+        self._grace_s = grace_s
+        self._timeout_s = timeout_s
+        self.healthy = True
+        """False while the last step failed (the broker or Postgres is down)."""
+
+    async def run(self) -> None:
+        while True:
+            try:
+                relayed = await self.step()
+                self.healthy = True
+                if relayed:
+                    log.info("outbox relay published %d accepted requests", relayed)
+                    continue  # there may be more
+            except (KafkaError, TimeoutError, OSError, StoreUnavailable) as exc:
+                self.healthy = False
+                log.warning("outbox relay step failed: %r", exc)
+            await asyncio.sleep(self._interval_s)
+
+    async def step(self) -> int:
+        async def publish(records: list[RequestRecord]) -> None:
+            await asyncio.wait_for(self._submitter.publish(records), self._timeout_s)
+
+        return await self._ledger.relay_unpublished(publish, older_than_s=self._grace_s)

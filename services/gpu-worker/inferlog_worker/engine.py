@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from inferlog.errors import StoreUnavailable
+from inferlog.hot import CancelFlags, DeltaStream, Leases
 from inferlog.kafka import Outgoing, publish_all
+from inferlog.ledger import RequestLedger
 from inferlog.messages import (
     DeadLetter,
     ErrorInfo,
@@ -44,11 +49,27 @@ class _Work:
     """Every fetched copy of this request (a re-delivery while it runs joins the running one)."""
 
 
+@dataclass
+class SideChannels:
+    """The worker's state channels (DESIGN.md). Each is optional: a worker without them still generates,
+    commits and publishes results; it only loses the guard, the signal or the stream that one gives."""
+
+    ledger: RequestLedger | None = None
+    """Terminal-result check before generating (and while watching another worker's lease)."""
+    leases: Leases | None = None
+    cancels: CancelFlags | None = None
+    deltas: DeltaStream | None = None
+    redis: Redis | None = None
+    """For the cancel notifications (pub/sub)."""
+    cancel_channel: str = ""
+
+
 class GpuWorker:
     def __init__(self, *, worker_id: str, runner: ModelRunner, consumer: TierConsumer,
                  producer: AIOKafkaProducer, topics: Topics, admission: KvAdmission[_Work],
                  load: LoadReporter | None = None, load_interval_s: float = 1.0,
-                 shutdown_grace_s: float = 30.0) -> None:
+                 shutdown_grace_s: float = 30.0, side: SideChannels | None = None,
+                 watch_interval_s: float = 1.0) -> None:
         self.worker_id = worker_id
         self._runner = runner
         self._consumer = consumer
@@ -62,6 +83,12 @@ class GpuWorker:
         """Requests fetched and not yet finished, by request_id (waiting or generating)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._progress = asyncio.Event()
+        self._side = side or SideChannels()
+        self._watch_interval_s = watch_interval_s
+        self._deltas: list[tuple[str, dict[str, str]]] = []
+        """Token deltas and end markers waiting for the next flush to Redis, in order."""
+        self.takeovers = 0
+        """Requests taken over after another worker's lease expired."""
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -74,7 +101,9 @@ class GpuWorker:
         await self._producer.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
-        reporter = asyncio.create_task(self._report_load_forever())
+        background = [asyncio.create_task(c) for c in (
+            self._report_load_forever(), self._flush_deltas_forever(), self._renew_leases_forever(),
+            self._listen_for_cancels())]
         try:
             while not stop.is_set():
                 if self._admission.has_room():
@@ -90,7 +119,9 @@ class GpuWorker:
                 await self._consumer.commit()
             await self._drain()
         finally:
-            reporter.cancel()
+            for task in background:
+                task.cancel()
+            await self._flush_deltas()
             if self._load is not None:
                 await self._load.remove(self.worker_id)
 
@@ -101,8 +132,12 @@ class GpuWorker:
         if running:
             log.info("draining %d generations (grace %.0fs)", len(running), self._grace_s)
             _done, pending = await asyncio.wait(running, timeout=self._grace_s)
-            for task in pending:
+            for task in pending:  # past the grace period: unpublished, uncommitted, for another worker
                 task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+                for request_id in self._runner.running_ids():
+                    await self._best_effort(self._side.leases.release(request_id) if self._side.leases else None)
         await self._consumer.commit()
 
     async def _wait_progress(self, timeout: float) -> None:
@@ -176,22 +211,128 @@ class GpuWorker:
 
     async def _generate(self, work: _Work) -> None:
         record = work.record
+        request_id = record.request_id
+        try:
+            verdict = await self._preflight(record)
+        except BaseException:
+            self._admission.release(request_id)
+            raise
+        if verdict != "run":
+            self._admission.release(request_id)
+            if isinstance(verdict, ResultRecord):
+                await self._hand_on([(self._topics.results, request_id, verdict)], work.positions)
+                self._work.pop(request_id, None)
+            elif verdict == "watch":
+                self._spawn(self._watch(work))
+            else:
+                self._finish(work)
+            return
         admitted_at = now()
         params = record.params
-        future = self._runner.submit(GenerationJob(
-            request_id=record.request_id, input_ids=record.input_ids, max_tokens=params.max_tokens,
-            temperature=params.temperature, top_p=params.top_p, stop=tuple(params.stop),
-            ignore_eos=params.ignore_eos))
-        running = EventRecord(request_id=record.request_id, status=Status.RUNNING, stage="gpu-worker",
+        attempt = EventRecord(request_id=request_id, status=Status.RUNNING, stage="gpu-worker",
                               worker_id=self.worker_id, timings=record.timings.merged(admitted_at=admitted_at))
+        timer: asyncio.TimerHandle | None = None
         try:
-            await self._publish([(self._topics.events, record.request_id, running)])
+            # The attempt is on the log (acknowledged) before the model sees the request (contract 4).
+            await self._publish([(self._topics.events, request_id, attempt)])
+            future = self._runner.submit(GenerationJob(
+                request_id=request_id, input_ids=record.input_ids, max_tokens=params.max_tokens,
+                temperature=params.temperature, top_p=params.top_p, stop=tuple(params.stop),
+                ignore_eos=params.ignore_eos), on_text=self._on_text if self._side.deltas else None)
+            if record.deadline_at is not None:
+                timer = asyncio.get_running_loop().call_later(
+                    max(0.0, record.deadline_at - now()), self._runner.cancel, request_id, "expired")
             done = await future
         finally:
-            self._admission.release(record.request_id)
+            self._admission.release(request_id)
+            if timer is not None:
+                timer.cancel()
         result = self._result(record, done, admitted_at)
-        await self._hand_on([(self._topics.results, record.request_id, result)], work.positions)
-        self._work.pop(record.request_id, None)
+        await self._hand_on([(self._topics.results, request_id, result)], work.positions)
+        self._deltas.append((request_id, {"end": result.status.value, "finish_reason": result.finish_reason or "",
+                                          "completion_tokens": str(result.usage.completion_tokens)}))
+        self._work.pop(request_id, None)
+        await self._best_effort(self._side.leases.release(request_id) if self._side.leases else None)
+
+    async def _preflight(self, record: TokenizedRecord) -> str | ResultRecord:
+        """``run``; ``done`` (a terminal result is stored: skip it); ``watch`` (another worker's live lease
+        holds it); or the terminal result to publish instead (cancelled before it ran)."""
+        request_id = record.request_id
+        side = self._side
+        if side.ledger is not None:
+            try:
+                if request_id in await side.ledger.terminal_statuses([request_id]):
+                    return "done"
+            except StoreUnavailable as exc:  # the lease still guards against a second live generation
+                log.warning("terminal check for %s skipped: %s", request_id, exc)
+        if side.cancels is not None and await self._best_effort(side.cancels.flagged([request_id])):
+            return self._cancelled(record)
+        if side.leases is not None:
+            try:
+                if not await side.leases.acquire(request_id):
+                    return "watch"
+            except (RedisError, OSError) as exc:  # Redis down: fall back to the terminal check above
+                log.warning("lease for %s not taken (%s): running on the terminal check alone", request_id, exc)
+        return "run"
+
+    async def _watch(self, work: _Work) -> None:
+        """Another worker holds the lease: keep the offsets uncommitted until the request is terminal, or
+        take it over once the lease expires (its holder stopped renewing)."""
+        request_id = work.record.request_id
+        side = self._side
+        while self._work.get(request_id) is work:
+            await asyncio.sleep(self._watch_interval_s)
+            if side.ledger is not None:
+                try:
+                    if request_id in await side.ledger.terminal_statuses([request_id]):
+                        self._finish(work)
+                        return
+                except StoreUnavailable:
+                    continue
+            holder = await self._best_effort(side.leases.holder_of(request_id) if side.leases else None)
+            if holder is None:
+                log.info("taking over %s: its lease expired", request_id)
+                self.takeovers += 1
+                self._admission.offer(request_id, len(work.record.input_ids) + work.record.params.max_tokens,
+                                      work.record.priority, work)
+                self._progress.set()
+                return
+
+    def _finish(self, work: _Work) -> None:
+        """Nothing to publish (already terminal): let the commit pass this request's offsets."""
+        for tp, offset in work.positions:
+            self._consumer.finish(tp, offset)
+        self._work.pop(work.record.request_id, None)
+        self._progress.set()
+
+    def _cancelled(self, record: TokenizedRecord) -> ResultRecord:
+        at = now()
+        return ResultRecord(request_id=record.request_id, status=Status.CANCELLED, model=record.model,
+                            tenant=record.tenant, worker_id=self.worker_id, finish_reason="cancelled", text="",
+                            timings=record.timings.merged(completed_at=at))
+
+    def cancel(self, request_id: str) -> None:
+        """A cancel arrived: stop it if it runs here (its result says ``cancelled``), or drop it if it waits."""
+        if self._runner.cancel(request_id, "cancelled"):
+            return
+        work = self._work.get(request_id)
+        if work is not None and self._admission.discard_waiting(request_id):
+            self._spawn(self._hand_on([(self._topics.results, request_id, self._cancelled(work.record))],
+                                      work.positions))
+            self._work.pop(request_id, None)
+
+    def _on_text(self, request_id: str, delta: str) -> None:
+        self._deltas.append((request_id, {"d": delta}))
+
+    async def _best_effort(self, call):  # type: ignore[no-untyped-def]
+        """Await a Redis side-channel call; on failure log it and return None (Redis is AP)."""
+        if call is None:
+            return None
+        try:
+            return await call
+        except (RedisError, OSError) as exc:
+            log.warning("redis side channel unavailable: %s", exc)
+            return None
 
     def _result(self, record: TokenizedRecord, done: GenerationDone, admitted_at: float) -> ResultRecord:
         timings = record.timings.merged(admitted_at=admitted_at, first_token_at=done.first_token_at,
@@ -206,6 +347,9 @@ class GpuWorker:
                 message=f"generation failed: {done.error}", type="server_error", code="generation_failed")})
         if done.finish_reason == "cancelled":
             return result.model_copy(update={"status": Status.CANCELLED})
+        if done.finish_reason == "expired":
+            return result.model_copy(update={"status": Status.EXPIRED, "error": ErrorInfo(
+                message="The request's deadline passed while it was generating.", code="deadline_exceeded")})
         return result
 
     async def _hand_on(self, outgoing: list[Outgoing], positions: list[tuple[TopicPartition, int]]) -> None:
@@ -243,6 +387,52 @@ class GpuWorker:
             work.positions = [(tp, off) for tp, off in work.positions if tp not in revoked]
             if not work.positions and self._admission.discard_waiting(request_id):
                 del self._work[request_id]
+
+    # -- side channels -------------------------------------------------------------------------------------
+
+    async def _flush_deltas(self) -> None:
+        if not self._deltas or self._side.deltas is None:
+            self._deltas.clear()
+            return
+        batch, self._deltas = self._deltas, []
+        await self._best_effort(self._side.deltas.append_many(batch))
+
+    async def _flush_deltas_forever(self, interval_s: float = 0.05) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._flush_deltas()
+
+    async def _renew_leases_forever(self) -> None:
+        leases = self._side.leases
+        if leases is None:
+            return
+        while True:
+            await asyncio.sleep(leases.ttl_ms / 3000)
+            running = self._runner.running_ids()
+            if running:
+                await self._best_effort(leases.renew_many(running))
+
+    async def _listen_for_cancels(self) -> None:
+        """Cancel notifications for running work; on a Redis outage, reconnect with backoff (the flags
+        checked before each generation still catch a cancel made meanwhile)."""
+        if self._side.redis is None:
+            return
+        delay = 0.5
+        while True:
+            pubsub = self._side.redis.pubsub()
+            try:
+                await pubsub.subscribe(self._side.cancel_channel)
+                delay = 0.5
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        data = message["data"]
+                        self.cancel(data.decode() if isinstance(data, bytes) else str(data))
+            except (RedisError, OSError) as exc:
+                log.warning("cancel channel lost (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                await self._best_effort(pubsub.aclose())
 
     # -- load ----------------------------------------------------------------------------------------------
 

@@ -7,13 +7,16 @@ import logging
 
 from redis.asyncio import Redis
 
+from inferlog.db import connect_pool
+from inferlog.hot import CancelFlags, DeltaStream, Keys, Leases
 from inferlog.kafka import make_consumer, make_producer
+from inferlog.ledger import RequestLedger
 from inferlog.models import ModelRegistry
 from inferlog.runtime import stop_on_signals
 from inferlog.topics import Topics, ensure_topics
 from inferlog_worker.admission import Capacity, KvAdmission
 from inferlog_worker.consumer import TierConsumer
-from inferlog_worker.engine import GpuWorker
+from inferlog_worker.engine import GpuWorker, SideChannels
 from inferlog_worker.load import LoadReporter
 from inferlog_worker.runner import GenerationJob, ModelRunner
 from inferlog_worker.settings import WorkerSettings
@@ -36,9 +39,16 @@ async def warm_up(runner: ModelRunner) -> None:
         raise RuntimeError(f"warm-up generation failed: {done.error}")
 
 
-def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | None) -> GpuWorker:
+def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | None,
+                 ledger: RequestLedger | None = None) -> GpuWorker:
     common = settings.common
     topics = Topics.from_settings(common)
+    keys = Keys(common.redis_prefix)
+    side = SideChannels(ledger=ledger)
+    if redis is not None:
+        side = SideChannels(ledger=ledger, leases=Leases(redis, keys, settings.worker_id, settings.lease_ttl_ms),
+                            cancels=CancelFlags(redis, keys), deltas=DeltaStream(redis, keys), redis=redis,
+                            cancel_channel=keys.cancels)
     consumer = make_consumer(
         common.kafka_bootstrap, settings.group_id or topics.group("gpu-workers"), session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms, max_poll_records=settings.max_running)
@@ -48,7 +58,8 @@ def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | N
         producer=make_producer(common.kafka_bootstrap), topics=topics,
         admission=KvAdmission(Capacity(settings.num_blocks * settings.page_size, settings.max_running)),
         load=LoadReporter(redis, common.redis_prefix, settings.load_ttl_s) if redis is not None else None,
-        load_interval_s=settings.load_interval_s, shutdown_grace_s=settings.shutdown_grace_s)
+        load_interval_s=settings.load_interval_s, shutdown_grace_s=settings.shutdown_grace_s, side=side,
+        watch_interval_s=settings.watch_interval_s)
     tier.on_revoked = worker.drop_revoked
     return worker
 
@@ -59,8 +70,9 @@ async def serve(settings: WorkerSettings) -> None:
     runner = build_runner(settings)
     await asyncio.to_thread(runner.load)
     await warm_up(runner)
-    redis = Redis.from_url(common.redis_url)
-    worker = build_worker(settings, runner, redis)
+    redis = Redis.from_url(common.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    pool = await connect_pool(common.postgres_url, common.postgres_schema, max_size=4)
+    worker = build_worker(settings, runner, redis, RequestLedger(pool))
     stop = stop_on_signals()
     await worker.start()
     log.info("worker %s ready", settings.worker_id)
@@ -69,7 +81,8 @@ async def serve(settings: WorkerSettings) -> None:
     finally:
         await worker.close()
         await redis.aclose()
-        await asyncio.to_thread(runner.stop)
+        await pool.close()
+        await asyncio.to_thread(runner.stop, hard=True)
 
 
 def run(settings: WorkerSettings | None = None) -> None:

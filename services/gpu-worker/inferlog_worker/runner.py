@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,11 @@ log = logging.getLogger(__name__)
 GREEDY_TEMPERATURE = 1e-5
 """How temperature 0 runs when the manager samples: as good as argmax unless the top two logits are
 within ~1e-4 of each other."""
+
+
+FinishReason = Literal["stop", "length", "cancelled", "expired", "error"]
+TextSink = Callable[[str, str], None]
+"""Called on the loop with (request_id, new visible text) as a generation streams."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class GenerationDone:
     request_id: str
     token_ids: list[int]
     text: str
-    finish_reason: Literal["stop", "length", "cancelled", "error"]
+    finish_reason: FinishReason
     first_token_at: float | None
     completed_at: float
     error: str | None = None
@@ -61,6 +67,9 @@ class _Live:
     future: asyncio.Future[GenerationDone]
     tokens: list[int] = field(default_factory=list)
     first_token_at: float | None = None
+    on_text: TextSink | None = None
+    sent: str = ""
+    """Text already passed to ``on_text``."""
 
 
 class ModelRunner:
@@ -113,17 +122,19 @@ class ModelRunner:
         self._manager.start()
         log.info("loaded %s (%s) on %s in %.1fs", self.model.name, self.version, device, time.monotonic() - started)
 
-    def stop(self) -> None:
+    def stop(self, hard: bool = False) -> None:
+        """Stop the manager; ``hard`` drops what it still runs (its work was left uncommitted)."""
         if self._manager is not None:
-            self._manager.stop(block=True, timeout=30)
+            self._manager.stop(block=True, timeout=30, hard_stop=hard)
 
     # -- requests (on the event loop) -------------------------------------------------------------------
 
-    def submit(self, job: GenerationJob) -> asyncio.Future[GenerationDone]:
-        """Start generating; the future resolves with the outcome (never raises)."""
+    def submit(self, job: GenerationJob, on_text: TextSink | None = None) -> asyncio.Future[GenerationDone]:
+        """Start generating; the future resolves with the outcome (never raises). ``on_text`` receives the
+        visible text as it grows (never a stop sequence, never half a UTF-8 character)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[GenerationDone] = loop.create_future()
-        live = _Live(job, future)
+        live = _Live(job, future, on_text=on_text)
         self._live[job.request_id] = live
         kwargs: dict[str, Any] = {}
         if self.sampling:
@@ -137,14 +148,19 @@ class ModelRunner:
             self._resolve(live, "error", error="the generation engine is stopping or has failed")
         return future
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request within one decode step and free its KV blocks; its future resolves ``cancelled``."""
+    def cancel(self, request_id: str, reason: Literal["cancelled", "expired"] = "cancelled") -> bool:
+        """Stop a request within one decode step and free its KV blocks; its future resolves with
+        ``reason`` and the text so far. False if it is not running here."""
         live = self._live.get(request_id)
         if live is None:
-            return
+            return False
         self._manager.cancel_request(request_id)
         self._unregister(request_id)  # cancel_request never calls the handler: clean up here
-        self._resolve(live, "cancelled")
+        self._resolve(live, reason, text=live.sent)
+        return True
+
+    def running_ids(self) -> list[str]:
+        return list(self._live)
 
     def stats(self) -> RunnerStats:
         processor = self._manager.batch_processor if self._manager is not None else None
@@ -162,24 +178,37 @@ class ModelRunner:
         if output.error:
             self._resolve(live, "error", error=str(output.error))
             return
-        if live.job.stop:
-            cut = self._stop_cut(live)
-            if cut is not None:
-                self._manager.cancel_request(live.job.request_id)
-                self._unregister(live.job.request_id)
-                self._resolve(live, "stop", text=cut)
-                return
-        if output.is_finished():
-            ended_on_eos = bool(live.tokens) and live.tokens[-1] == self._eos and not live.job.ignore_eos
-            self._resolve(live, "stop" if ended_on_eos else "length")
-
-    def _stop_cut(self, live: _Live) -> str | None:
+        if live.on_text is None and not live.job.stop and not output.is_finished():
+            return
         assert self._formatter is not None
         text = self._formatter.decode(live.tokens)
         hits = [text.find(s) for s in live.job.stop if s in text]
-        return text[: min(hits)] if hits else None
+        if hits:
+            self._emit(live, text[: min(hits)], final=True)
+            self._manager.cancel_request(live.job.request_id)
+            self._unregister(live.job.request_id)
+            self._resolve(live, "stop", text=text[: min(hits)])
+            return
+        if output.is_finished():
+            self._emit(live, text, final=True)
+            ended_on_eos = bool(live.tokens) and live.tokens[-1] == self._eos and not live.job.ignore_eos
+            self._resolve(live, "stop" if ended_on_eos else "length", text=text)
+            return
+        self._emit(live, text, final=False)
 
-    def _resolve(self, live: _Live, reason: Literal["stop", "length", "cancelled", "error"], *,
+    def _emit(self, live: _Live, text: str, *, final: bool) -> None:
+        """Pass on the text not yet sent. Until the end, hold back a trailing partial character and any
+        tail that could still become a stop sequence."""
+        if not final:
+            text = text.rstrip("\ufffd")
+            if live.job.stop:
+                text = text[: max(len(live.sent), len(text) - max(len(s) for s in live.job.stop) + 1)]
+        if live.on_text is not None and len(text) > len(live.sent) and text.startswith(live.sent):
+            live.on_text(live.job.request_id, text[len(live.sent):])
+        if text.startswith(live.sent):
+            live.sent = max(live.sent, text, key=len)
+
+    def _resolve(self, live: _Live, reason: FinishReason, *,
                  text: str | None = None, error: str | None = None) -> None:
         self._live.pop(live.job.request_id, None)
         if live.future.done():

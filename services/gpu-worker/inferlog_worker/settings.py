@@ -44,6 +44,10 @@ class WorkerSettings(BaseSettings):
     """How often the load hash in Redis is refreshed."""
     load_ttl_s: int = Field(default=10, ge=2)
     """The load hash's TTL: a worker that stops refreshing disappears after this."""
+    lease_ttl_ms: int = Field(default=5_000, ge=500)
+    """A generation lease lives this long after its holder stops renewing (renewed every third of it)."""
+    watch_interval_s: float = Field(default=1.0, gt=0)
+    """How often a request leased by another worker is re-checked (terminal yet? lease expired?)."""
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long in-flight generations may finish before the worker exits uncommitted."""
     common: InferlogSettings = Field(default_factory=InferlogSettings)

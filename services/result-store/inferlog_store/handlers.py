@@ -6,8 +6,11 @@ import logging
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
+from inferlog.hot import StatusCache
 from inferlog.kafka import publish_all
+from inferlog.ledger import RequestLedger
 from inferlog.messages import DeadLetter, EventRecord, ResultRecord
 from inferlog.topics import Topics
 from inferlog_store.sink import ResultSink
@@ -16,10 +19,13 @@ log = logging.getLogger(__name__)
 
 
 class StoreHandler:
-    def __init__(self, sink: ResultSink, producer: AIOKafkaProducer, topics: Topics) -> None:
+    def __init__(self, sink: ResultSink, producer: AIOKafkaProducer, topics: Topics,
+                 ledger: RequestLedger | None = None, hot: StatusCache | None = None) -> None:
         self._sink = sink
         self._producer = producer
         self._topics = topics
+        self._ledger = ledger
+        self._hot = hot
 
     async def __call__(self, records: list[ConsumerRecord]) -> None:
         events: list[EventRecord] = []
@@ -43,3 +49,15 @@ class StoreHandler:
             for d in dead:
                 log.warning("dead-lettered %s@%s:%s: %s", d.topic, d.partition, d.offset, d.error)
         await self._sink.apply(events, results)
+        await self._refresh_hot({e.request_id for e in events} | {r.request_id for r in results})
+
+    async def _refresh_hot(self, request_ids: set[str]) -> None:
+        """Copy the stored views to Redis and announce terminal ones. Redis is best effort (AP): a failure
+        is logged, and polls fall back to Postgres; live views expire within minutes anyway."""
+        if self._hot is None or self._ledger is None or not request_ids:
+            return
+        views = await self._ledger.get_many(sorted(request_ids))
+        try:
+            await self._hot.put_many([v.to_hot() for v in views])
+        except (RedisError, OSError) as exc:
+            log.warning("hot status not refreshed for %d requests: %s", len(views), exc)

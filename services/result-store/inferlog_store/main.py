@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+from redis.asyncio import Redis
+
 from inferlog.consume import run_in_order
 from inferlog.db import connect_pool
+from inferlog.hot import Keys, StatusCache
 from inferlog.kafka import make_consumer, make_producer
+from inferlog.ledger import RequestLedger
 from inferlog.runtime import stop_on_signals
 from inferlog.topics import Topics, ensure_topics
 from inferlog_store.handlers import StoreHandler
@@ -25,13 +29,16 @@ async def serve(settings: StoreSettings) -> None:
     await producer.start()
     await consumer.start()
     stop = stop_on_signals()
+    redis = Redis.from_url(common.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    hot = StatusCache(redis, Keys(common.redis_prefix))
+    handler = StoreHandler(ResultSink(pool), producer, topics, RequestLedger(pool), hot)
     try:
-        await run_in_order(consumer, StoreHandler(ResultSink(pool), producer, topics), stop,
-                           max_records=settings.max_batch)
+        await run_in_order(consumer, handler, stop, max_records=settings.max_batch)
     finally:
         await consumer.stop()
         await producer.stop()
         await pool.close()
+        await redis.aclose()
 
 
 def run(settings: StoreSettings | None = None) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from inferlog.consume import run_in_order
+from inferlog.db import connect_pool
 from inferlog.kafka import make_consumer, make_producer
+from inferlog.ledger import RequestLedger
 from inferlog.models import ModelRegistry
 from inferlog.runtime import stop_on_signals
 from inferlog.topics import Topics, ensure_topics
@@ -23,13 +25,16 @@ async def serve(settings: TokenizerSettings) -> None:
     consumer.subscribe([topics.requests])
     await producer.start()
     await consumer.start()
+    pool = await connect_pool(common.postgres_url, common.postgres_schema, max_size=4)
     stop = stop_on_signals()
-    handler = TokenizeHandler(RequestPreparer(ModelRegistry(common), settings.max_max_tokens), producer, topics)
+    handler = TokenizeHandler(RequestPreparer(ModelRegistry(common), settings.max_max_tokens), producer, topics,
+                              RequestLedger(pool))
     try:
         await run_in_order(consumer, handler, stop, max_records=settings.max_batch)
     finally:
         await consumer.stop()
         await producer.stop()
+        await pool.close()
 
 
 def run(settings: TokenizerSettings | None = None) -> None:

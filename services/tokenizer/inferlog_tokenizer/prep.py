@@ -54,14 +54,28 @@ class RequestPreparer:
             self._formatters[model_name] = (PromptFormatter(model.directory), model.context_length())
         return self._formatters[model_name]
 
-    def prepare(self, raws: list[RawRecord]) -> Prepared:
+    def parse(self, raws: list[RawRecord]) -> tuple[list[tuple[RawRecord, RequestRecord]], Prepared]:
+        """Phase 1: decode each record. The unreadable ones are dead letters (with a failed result for
+        their ID, which the caller publishes only if the ID is nobody's job)."""
         out = Prepared()
-        valid: list[RequestRecord] = []
-        at = now()
+        parsed = []
         for raw in raws:
             record = self._parse(raw, out)
-            if record is None:
-                continue
+            if record is not None:
+                parsed.append((raw, record))
+        return parsed, out
+
+    def prepare(self, raws: list[RawRecord]) -> Prepared:
+        """Parse, then validate and tokenize (no ledger: for callers that claim nothing)."""
+        parsed, out = self.parse(raws)
+        return self.prepare_parsed(parsed, out)
+
+    def prepare_parsed(self, parsed: list[tuple[RawRecord, RequestRecord]], out: Prepared | None = None) -> Prepared:
+        """Phase 2: validate and tokenize records that are ours to run."""
+        out = out or Prepared()
+        valid: list[RequestRecord] = []
+        at = now()
+        for raw, record in parsed:
             if record.deadline_at is not None and record.deadline_at <= at:
                 out.results.append(_terminal(record, Status.EXPIRED, "The request's deadline passed before it was "
                                              "tokenized.", code="deadline_exceeded", at=at))
