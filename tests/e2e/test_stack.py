@@ -115,3 +115,74 @@ async def test_readyz_and_healthz(http: httpx.AsyncClient) -> None:
     assert (await http.get("/healthz")).json() == {"status": "ok"}
     ready = await http.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+async def test_long_poll_returns_when_the_job_ends(http: httpx.AsyncClient) -> None:
+    request_id = await submit(http, messages=CHAT, max_tokens=40, ignore_eos=True)
+    started = asyncio.get_running_loop().time()
+    response = await http.get(f"/v1/requests/{request_id}", params={"wait": 30}, timeout=40)
+    waited = asyncio.get_running_loop().time() - started
+    assert response.json()["status"] == "completed"
+    assert waited < 25  # it returned when the job ended, not when the wait did
+    quick = await http.get(f"/v1/requests/{request_id}", params={"wait": 30})
+    assert quick.json()["status"] == "completed"
+    bad = await http.get(f"/v1/requests/{request_id}", params={"wait": -1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "wait"
+
+
+async def _sse_events(http: httpx.AsyncClient, request_id: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    async with http.stream("GET", f"/v1/requests/{request_id}/stream", timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event = None
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                events.append((event or "", json.loads(line[6:])))
+    return events
+
+
+async def test_stream_gives_late_clients_the_text_so_far_then_the_rest(http: httpx.AsyncClient) -> None:
+    request_id = await submit(http, messages=CHAT, max_tokens=120, ignore_eos=True)
+    await eventually(lambda: _status_is(http, request_id, "running"), timeout=30, interval=0.05)
+    await asyncio.sleep(0.5)  # join late: some text exists already
+    early, late = await asyncio.gather(_sse_events(http, request_id), _sse_events(http, request_id))
+    job = await wait_terminal(http, request_id)
+    for events in (early, late):
+        assert events[-1] == ("done", {"status": "completed", "finish_reason": "length", "completion_tokens": 120})
+        streamed = "".join(data["text"] for name, data in events if name == "delta")
+        assert streamed == job["result"]["text"]
+
+
+async def _status_is(http: httpx.AsyncClient, request_id: str, status: str) -> bool:
+    return (await http.get(f"/v1/requests/{request_id}")).json()["status"] == status
+
+
+async def test_cancel_stops_running_and_queued_jobs(stack: RunningStack, http: httpx.AsyncClient) -> None:
+    running = await submit(http, messages=CHAT, max_tokens=450, ignore_eos=True)
+    await eventually(lambda: _status_is(http, running, "running"), timeout=30, interval=0.05)
+    cancelled = await http.delete(f"/v1/requests/{running}")
+    assert cancelled.status_code == 202
+    job = await wait_terminal(http, running, timeout=30)
+    assert job["status"] == "cancelled"
+    assert job["result"] is None
+    again = await http.delete(f"/v1/requests/{running}")
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    assert (await http.delete("/v1/requests/nope")).status_code == 404
+
+    # A deadline that passes mid-generation ends the job expired.
+    expiring = await submit(http, messages=CHAT, max_tokens=450, ignore_eos=True, deadline_s=1.5)
+    job = await wait_terminal(http, expiring, timeout=30)
+    assert job["status"] == "expired" and job["error"]["code"] == "deadline_exceeded"
+
+
+async def test_resubmitting_with_the_same_key_is_one_job(http: httpx.AsyncClient) -> None:
+    body = {"messages": CHAT, "max_tokens": 6}
+    first = await http.post("/v1/requests", json=body, headers={"Idempotency-Key": "same-key-1"})
+    job = await wait_terminal(http, first.json()["id"])
+    again = await http.post("/v1/requests", json=body, headers={"Idempotency-Key": "same-key-1"})
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["status"] == "completed"
+    assert (await http.get(f"/v1/requests/{first.json()['id']}")).json() == job
