@@ -65,14 +65,16 @@ def tiny_dir(smol_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_settings(run_id: str, bootstrap: str, tiny_dir: Path, *, suffix: str = "", default: str = TINY,
-                  **extra: object) -> InferlogSettings:
+                  with_smollm2: bool = True, **extra: object) -> InferlogSettings:
     name = f"t{run_id}{suffix}"
-    return InferlogSettings(
+    models = [ModelSpec(name=TINY, path=str(tiny_dir))]
+    if with_smollm2:
+        models.append(ModelSpec(name=DEFAULT_MODEL_NAME))
+    options: dict[str, object] = dict(
         kafka_bootstrap=bootstrap, topic_prefix=name, postgres_url=POSTGRES_URL, postgres_schema=name,
-        redis_url=REDIS_URL, redis_prefix=name,
-        models=[ModelSpec(name=TINY, path=str(tiny_dir)), ModelSpec(name=DEFAULT_MODEL_NAME)],
-        default_model=default, **extra,
-    )
+        redis_url=REDIS_URL, redis_prefix=name, models=models, default_model=default)
+    options.update(extra)
+    return InferlogSettings(**options)  # type: ignore[arg-type]
 
 
 def settings_env(settings: InferlogSettings) -> dict[str, str]:

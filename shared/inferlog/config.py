@@ -14,6 +14,9 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+EMBEDDED = "embedded"
 
 
 class ModelSpec(BaseModel):
@@ -42,12 +45,14 @@ class InferlogSettings(BaseSettings):
     """Prefix of every topic name (``<prefix>.requests.v1``); tests use a fresh one per run."""
     topic_partitions: int = Field(default=4, ge=1, le=256)
     """Partition count of the requests, tokenized, events and results topics."""
-    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    """Postgres DSN of the ledger and result store."""
+    postgres_url: str = LOCAL_POSTGRES
+    """Postgres DSN of the ledger and result store. Unset: the local one if it answers, else (``inferlog
+    up``) an embedded one; ``embedded`` forces that. A configured URL that does not answer is an error."""
     postgres_schema: str = Field(default="inferlog", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     """Database schema holding inferlog's tables; tests use a fresh one per run."""
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis URL for worker load hashes (and, later, hot status and streaming)."""
+    redis_url: str = LOCAL_REDIS
+    """Redis URL (hot status, notifications, leases, deltas, load). Unset: the local one if it answers,
+    else (``inferlog up``) an embedded one; ``embedded`` forces that."""
     redis_prefix: str = Field(default="inferlog", pattern=r"^[A-Za-z0-9._:-]{1,100}$")
     """Prefix of every Redis key."""
     models: list[ModelSpec] = Field(default_factory=_default_models)

@@ -5,8 +5,12 @@ topics, then the services downstream-first (result-store, gpu-worker, tokenizer,
 for until ready (the worker's load hash in Redis, the consumer groups Stable, the gateway's /readyz), so
 that when the gateway URL is printed a submit goes all the way through without waiting for a group join
 (~4 s on Tansu). Ctrl-C or
-SIGTERM stops them in the reverse order (each finishes and commits within its grace period). If a
-service dies, the stack stops and ``up`` exits non-zero.
+SIGTERM stops them in the reverse order (each finishes and commits within its grace period). Once up, a
+service that dies is restarted with backoff, as a process supervisor would; one that dies while the stack
+is still starting stops it, and ``up`` exits non-zero.
+
+With no Postgres or Redis configured and none answering on the default ports, embedded ones are started
+(inferlog.embedded; Postgres keeps its data in the cache directory, so the ledger survives restarts).
 """
 
 from __future__ import annotations
@@ -24,21 +28,28 @@ from dataclasses import dataclass
 from redis import Redis
 
 from inferlog import broker
-from inferlog.config import InferlogSettings
+from inferlog.config import EMBEDDED, InferlogSettings
 from inferlog.db import migrate
-from inferlog.errors import ConfigError
+from inferlog.embedded import EmbeddedPostgres, EmbeddedRedis
+from inferlog.errors import ConfigError, StoreUnavailable
 from inferlog.models import ModelRegistry, prepare
 from inferlog.topics import Topics, ensure_topics, group_is_consuming
 
 log = logging.getLogger("inferlog.up")
 
 STOP_GRACE_S = 40.0
+RESET_AFTER_S = 60.0
+MAX_BACKOFF_S = 30.0
 
 
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen[bytes]
+    started_at: float = 0.0
+    failures: int = 0
+    """Consecutive early exits: the restart backoff doubles with each."""
+    restart_at: float | None = None
 
 
 class Stack:
@@ -51,6 +62,7 @@ class Stack:
                          INFERLOG_GATEWAY_HOST=gateway_host, INFERLOG_GATEWAY_PORT=str(gateway_port))
         self.children: list[Child] = []
         self._broker: subprocess.Popen[bytes] | None = None
+        self._embedded: list[EmbeddedPostgres | EmbeddedRedis] = []
 
     # -- bring-up -------------------------------------------------------------------------------------------
 
@@ -65,7 +77,13 @@ class Stack:
             print(f"broker pid={self._broker.pid} (tansu on {host}:{port})", flush=True)
         else:
             raise ConfigError(f"no broker answers at {s.kafka_bootstrap}")
-        applied = asyncio.run(migrate(s.postgres_url, s.postgres_schema))
+        self._resolve_stores()
+        s = self.settings
+        try:
+            applied = asyncio.run(migrate(s.postgres_url, s.postgres_schema))
+        except StoreUnavailable as exc:
+            raise ConfigError(f"{exc} (a configured Postgres that does not answer is never replaced by an "
+                              "empty embedded one; fix the URL or unset INFERLOG_POSTGRES_URL)") from exc
         log.info("database schema %s ready (%d migrations applied)", s.postgres_schema, len(applied))
         self._check_redis()
         for model in ModelRegistry(s):
@@ -82,6 +100,27 @@ class Stack:
         self._spawn("gateway")
         self._wait_until(self._gateway_ready, "gateway", timeout=60)
 
+    def _resolve_stores(self) -> None:
+        """Use the configured stores; with none configured, the local ones if they answer, else embedded
+        ones (``embedded`` forces that). Children get the resolved URLs."""
+        s = self.settings
+        pg_url, redis_url = s.postgres_url, s.redis_url
+        if pg_url == EMBEDDED or ("postgres_url" not in s.model_fields_set
+                                  and not broker.port_answers("127.0.0.1", 5432)):
+            pg = EmbeddedPostgres(s.cache_dir / "postgres", broker.free_port())
+            pg_url = pg.start()
+            self._embedded.append(pg)
+            print(f"postgres pid={pg.proc.pid if pg.proc else '?'} (embedded, {pg_url}, data in {pg.data_dir})",
+                  flush=True)
+        if redis_url == EMBEDDED or ("redis_url" not in s.model_fields_set
+                                     and not broker.port_answers("127.0.0.1", 6379)):
+            redis = EmbeddedRedis(broker.free_port())
+            redis_url = redis.start()
+            self._embedded.append(redis)
+            print(f"redis pid={redis.proc.pid if redis.proc else '?'} (embedded, {redis_url})", flush=True)
+        self.settings = s.model_copy(update={"postgres_url": pg_url, "redis_url": redis_url})
+        self._env.update(INFERLOG_POSTGRES_URL=pg_url, INFERLOG_REDIS_URL=redis_url)
+
     def _check_redis(self) -> None:
         client = Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
         try:
@@ -92,9 +131,12 @@ class Stack:
             client.close()
 
     def _spawn(self, service: str) -> None:
+        self.children.append(Child(service, self._start(service), time.monotonic()))
+
+    def _start(self, service: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([sys.executable, "-m", "inferlog.cli", "run", service], env=self._env)
-        self.children.append(Child(service, proc))
         print(f"{service} pid={proc.pid}", flush=True)
+        return proc
 
     def _wait_until(self, ready, name: str, timeout: float) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout
@@ -132,9 +174,25 @@ class Stack:
                 raise ConfigError(f"{child.name} (pid {child.proc.pid}) exited with code {code}")
 
     def wait(self, stop: list[bool]) -> None:
+        """Supervise until stopped: a service that exits is restarted, after a backoff that doubles with
+        each exit within a minute of its start (1 s, 2 s, … 30 s) and resets once it stays up."""
         while not stop:
-            self._check_children()
-            time.sleep(0.5)
+            now = time.monotonic()
+            for child in self.children:
+                code = child.proc.poll()
+                if code is None:
+                    if now - child.started_at > RESET_AFTER_S:
+                        child.failures = 0
+                    continue
+                if child.restart_at is None:
+                    child.failures = child.failures + 1 if now - child.started_at < RESET_AFTER_S else 1
+                    delay = min(2.0 ** (child.failures - 1), MAX_BACKOFF_S)
+                    child.restart_at = now + delay
+                    print(f"{child.name} (pid {child.proc.pid}) exited with code {code}; restarting in "
+                          f"{delay:.0f}s", flush=True)
+                elif now >= child.restart_at:
+                    child.proc, child.started_at, child.restart_at = self._start(child.name), now, None
+            time.sleep(0.2)
 
     def down(self) -> None:
         for child in reversed(self.children):
@@ -154,6 +212,8 @@ class Stack:
                 self._broker.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._broker.kill()
+        for store in reversed(self._embedded):
+            store.stop()
 
 
 def up(settings: InferlogSettings, gateway_host: str, gateway_port: int) -> int:
