@@ -59,6 +59,8 @@ class InferlogSettings(BaseSettings):
     """The model registry, as JSON: ``[{"name": ..., "path": ...}]``. A request for any other model is 404."""
     default_model: str = DEFAULT_MODEL_NAME
     """The model used when a request names none."""
+    max_in_flight: int = Field(default=10_000, ge=1)
+    """Accepted-but-not-terminal requests above which the gateway answers 429 (the batch tier earlier)."""
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "inferlog")
     """Where prepared (converted) models are kept."""
 

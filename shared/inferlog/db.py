@@ -79,3 +79,62 @@ async def migrate(dsn: str, schema: str) -> list[str]:
 
 def _redact(dsn: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", dsn)
+
+
+class GuardedPool:
+    """An asyncpg pool behind a circuit breaker (purgatory): after ``threshold`` consecutive connection
+    failures the circuit opens and calls fail at once with StoreUnavailable for ``ttl_s`` (no hammering
+    of a recovering Postgres); then one trial call half-opens it. Query errors (bad SQL, constraint
+    violations) are not connection failures and do not count."""
+
+    def __init__(self, pool: asyncpg.Pool, *, threshold: int = 5, ttl_s: float = 5.0, name: str = "postgres") -> None:
+        from purgatory import AsyncCircuitBreakerFactory
+
+        self._pool = pool
+        self._factory = AsyncCircuitBreakerFactory(
+            default_threshold=threshold, default_ttl=ttl_s,
+            exclude=[(asyncpg.PostgresError, lambda exc: not isinstance(exc, asyncpg.PostgresConnectionError))])
+        self._name = name
+
+    async def _call(self, method: str, *args: object, **kwargs: object) -> object:
+        from purgatory.domain.model import OpenedState
+
+        breaker = await self._factory.get_breaker(self._name)
+        try:
+            async with breaker:
+                return await getattr(self._pool, method)(*args, **kwargs)
+        except OpenedState as exc:
+            raise StoreUnavailable("Postgres circuit is open after repeated failures; retry later") from exc
+
+    async def fetch(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        return await self._call("fetch", *args, **kwargs)
+
+    async def fetchrow(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        return await self._call("fetchrow", *args, **kwargs)
+
+    async def fetchval(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        return await self._call("fetchval", *args, **kwargs)
+
+    async def execute(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        return await self._call("execute", *args, **kwargs)
+
+    def acquire(self):  # type: ignore[no-untyped-def]
+        return _GuardedAcquire(self)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+class _GuardedAcquire:
+    def __init__(self, guarded: GuardedPool) -> None:
+        self._guarded = guarded
+        self._conn: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self._conn = await self._guarded._call("acquire")  # type: ignore[assignment]
+        assert self._conn is not None
+        return self._conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._guarded._pool.release(self._conn)

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from inferlog.db import GuardedPool
 from inferlog.errors import IdempotencyConflict, StoreUnavailable
 from inferlog.messages import RequestRecord, Status, now
 
@@ -68,7 +69,7 @@ class JobView:
 class RequestLedger:
     """Claims and reads in the ledger; every asyncpg connection error becomes StoreUnavailable."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool | GuardedPool) -> None:
         self._pool = pool
 
     async def claim(self, record: RequestRecord) -> Claim:
@@ -255,6 +256,63 @@ class RequestLedger:
             )
             for row in rows
         ]
+
+    async def open_count(self, tenant: str | None = None) -> int:
+        """Accepted and not terminal (Little's L): everywhere, or one tenant's."""
+        try:
+            if tenant is None:
+                return int(await self._pool.fetchval("SELECT count(*) FROM requests WHERE status_rank < 100"))
+            return int(await self._pool.fetchval(
+                "SELECT count(*) FROM requests WHERE status_rank < 100 AND tenant = $1", tenant))
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
+
+    async def recent_throughput(self, window_s: float = 60.0) -> tuple[float, float]:
+        """(output tokens per second, mean output tokens per request) over the last ``window_s``."""
+        try:
+            row = await self._pool.fetchrow(
+                "SELECT COALESCE(sum(completion_tokens), 0) AS tokens, count(*) AS n FROM results "
+                "WHERE created_at > now() - make_interval(secs => $1) AND status = 'completed'", window_s)
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
+        tokens, n = int(row["tokens"]), int(row["n"])
+        return tokens / window_s, (tokens / n if n else 0.0)
+
+    async def list_jobs(self, tenant: str | None, *, status: Status | None, since: float | None, limit: int,
+                        cursor: tuple[float, str] | None) -> list[tuple[JobView, float]]:
+        """A tenant's jobs, newest first, with each one's creation time (the keyset cursor)."""
+        clauses: list[str] = ["q.tenant IS NOT DISTINCT FROM $1"]
+        args: list[object] = [tenant]
+        if status is not None:
+            args.append(status.value)
+            clauses.append(f"COALESCE(r.status, q.status) = ${len(args)}")
+        if since is not None:
+            args.append(since)
+            clauses.append(f"q.created_at >= to_timestamp(${len(args)})")
+        if cursor is not None:
+            args += [cursor[0], cursor[1]]
+            clauses.append(f"(q.created_at, q.request_id) < (to_timestamp(${len(args) - 1}), ${len(args)})")
+        args.append(limit)
+        try:
+            rows = await self._pool.fetch(
+                f"SELECT q.request_id, extract(epoch FROM q.created_at)::float8 AS created "
+                f"FROM requests q LEFT JOIN results r USING (request_id) WHERE {' AND '.join(clauses)} "
+                f"ORDER BY q.created_at DESC, q.request_id DESC LIMIT ${len(args)}", *args)
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
+        views = {v.request_id: v for v in await self.get_many([row["request_id"] for row in rows])}
+        return [(views[row["request_id"]], row["created"]) for row in rows if row["request_id"] in views]
+
+    async def usage(self, tenant: str | None) -> dict[str, int]:
+        try:
+            row = await self._pool.fetchrow(
+                "SELECT count(*) AS requests, COALESCE(sum(prompt_tokens), 0) AS prompt_tokens, "
+                "COALESCE(sum(completion_tokens), 0) AS completion_tokens FROM results "
+                "WHERE tenant IS NOT DISTINCT FROM $1", tenant)
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
+        return {"requests": int(row["requests"]), "prompt_tokens": int(row["prompt_tokens"]),
+                "completion_tokens": int(row["completion_tokens"])}
 
     async def ping(self) -> None:
         try:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferlog.errors import BrokerUnavailable, InvalidRequest, StoreUnavailable
+from inferlog_gateway.admission import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ def install(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(InvalidRequest)
     async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
         return envelope(exc.status_code, exc.message, type_=exc.error_type, code=exc.code, param=exc.param)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        return envelope(429, exc.message, type_="rate_limit_error", code=exc.code,
+                        headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(StoreUnavailable)
     async def _store(_: Request, exc: StoreUnavailable) -> JSONResponse:

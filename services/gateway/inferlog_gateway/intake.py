@@ -62,7 +62,8 @@ class Intake:
             self.load(model)
         return self._formatters[model.name], self._context[model.name]
 
-    def build(self, payload: dict[str, Any], idempotency_key: str | None) -> tuple[RequestRecord, int]:
+    def build(self, payload: dict[str, Any], idempotency_key: str | None,
+              tenant: str | None = None) -> tuple[RequestRecord, int]:
         """The record to claim and produce, and its prompt's token count. Raises InvalidRequest (4xx)."""
         body = SubmitBody.model_validate(payload)
         request_id = body.request_id or idempotency_key or uuid.uuid4().hex
@@ -107,6 +108,7 @@ class Intake:
             params=params,
             priority=body.priority,
             session_id=body.session_id,
+            tenant=tenant,
             deadline_at=received_at + body.deadline_s if body.deadline_s else None,
             timings=Timings(received_at=received_at),
         )

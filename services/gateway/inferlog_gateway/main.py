@@ -11,18 +11,20 @@ import uvicorn
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from inferlog.db import connect_pool
+from inferlog.db import GuardedPool, connect_pool
 from inferlog.hot import CancelFlags, DeltaStream, Keys, StatusCache
 from inferlog.kafka import make_producer
 from inferlog.ledger import RequestLedger
 from inferlog.models import ModelRegistry
 from inferlog.topics import Topics, ensure_topics
 from inferlog_gateway import errors
+from inferlog_gateway.admission import Admission, Limits
 from inferlog_gateway.intake import Intake
 from inferlog_gateway.jobs import JobReader
 from inferlog_gateway.routes import GatewayState, router
 from inferlog_gateway.settings import GatewaySettings
 from inferlog_gateway.submit import OutboxRelay, Submitter
+from inferlog_gateway.tenants import TenantKeys
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         for model in registry:
             if model.is_prepared:
                 intake.load(model)
-        pool = await connect_pool(common.postgres_url, common.postgres_schema)
+        pool = GuardedPool(await connect_pool(common.postgres_url, common.postgres_schema))
         producer = make_producer(common.kafka_bootstrap)
         await producer.start()
 
@@ -66,6 +68,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             broker_ready=broker_ready,
             relay=relay,
             jobs=jobs,
+            admission=Admission(ledger, Limits(common.max_in_flight, settings.tenant_max_in_flight,
+                                               settings.batch_share)),
+            keys=TenantKeys(settings.api_keys),
         )
         try:
             yield

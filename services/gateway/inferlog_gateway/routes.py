@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -10,10 +12,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
 from inferlog.ledger import JobView, RequestLedger
 from inferlog.messages import Status
+from inferlog_gateway.admission import Admission
 from inferlog_gateway.api import Accepted, JobResult, JobStatus
 from inferlog_gateway.intake import Intake, parse_json
 from inferlog_gateway.jobs import JobReader
 from inferlog_gateway.submit import OutboxRelay, Submitter
+from inferlog_gateway.tenants import TenantKeys
 
 
 @dataclass
@@ -27,6 +31,8 @@ class GatewayState:
     broker_ready: object  # async () -> bool
     relay: OutboxRelay
     jobs: JobReader
+    admission: Admission
+    keys: TenantKeys
 
 
 router = APIRouter()
@@ -63,9 +69,13 @@ class _HttpError(InvalidRequest):
 @router.post("/v1/requests", status_code=202)
 async def submit(request: Request, idempotency_key: str | None = Header(default=None)) -> JSONResponse:
     state = _state(request)
+    tenant = state.keys.tenant_of(request)
     raw = await read_body(request, state.max_body_bytes)
-    record, _prompt_tokens = state.intake.build(parse_json(raw), idempotency_key)
+    record, _prompt_tokens = state.intake.build(parse_json(raw), idempotency_key, tenant)
+    await state.admission.admit(tenant, record.priority)
     claim = await state.submitter.submit(record)
+    if claim.created:
+        state.admission.accepted(tenant)
     status_url = str(request.url_for("get_request", request_id=claim.request_id))
     body = Accepted(id=claim.request_id, status=claim.status.value, status_url=status_url)
     headers = {"Location": status_url}
@@ -79,17 +89,20 @@ async def get_request(request_id: str, request: Request,
                       wait: float = Query(default=0, ge=0, le=MAX_WAIT_S)) -> JobStatus:
     """The job's status and result. ``wait`` (seconds) long-polls: it returns as soon as the job is
     terminal, or when the wait ends."""
-    job = await _state(request).jobs.wait(request_id, wait)
-    if job is None:
-        raise _unknown(request_id)
-    return job_status(job)
+    state = _state(request)
+    tenant = state.keys.tenant_of(request)
+    await _owned(state, request_id, tenant)
+    job = await state.jobs.wait(request_id, wait)
+    return job_status(_mine(job, request_id, tenant))
 
 
 @router.delete("/v1/requests/{request_id}")
 async def cancel_request(request_id: str, request: Request) -> JSONResponse:
     """Cancel a job: a queued one never reaches the model, a running one stops within a decode step.
     202 while the cancel travels; 200 with the job as it is if it had already ended."""
-    job = await _state(request).jobs.cancel(request_id)
+    state = _state(request)
+    await _owned(state, request_id, state.keys.tenant_of(request))
+    job = await state.jobs.cancel(request_id)
     if job is None:
         raise _unknown(request_id)
     status = 200 if job.status.is_terminal() else 202
@@ -99,12 +112,55 @@ async def cancel_request(request_id: str, request: Request) -> JSONResponse:
 @router.get("/v1/requests/{request_id}/stream")
 async def stream_request(request_id: str, request: Request) -> StreamingResponse:
     """Token deltas as Server-Sent Events, from the start of the text, ending with a ``done`` event."""
-    jobs = _state(request).jobs
-    job = await jobs.get(request_id)
-    if job is None:
-        raise _unknown(request_id)
+    state = _state(request)
+    jobs = state.jobs
+    job = await _owned(state, request_id, state.keys.tenant_of(request))
     return StreamingResponse(jobs.stream(request_id, job), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/v1/requests")
+async def list_requests(request: Request, status: Status | None = None, since: float | None = Query(None, ge=0),
+                        limit: int = Query(20, ge=1, le=100), cursor: str | None = None) -> dict[str, Any]:
+    """The caller's jobs, newest first. ``next_cursor`` fetches the next page."""
+    state = _state(request)
+    tenant = state.keys.tenant_of(request)
+    rows = await state.ledger.list_jobs(tenant, status=status, since=since, limit=limit,
+                                        cursor=_decode_cursor(cursor) if cursor else None)
+    next_cursor = _encode_cursor(rows[-1][1], rows[-1][0].request_id) if len(rows) == limit else None
+    return {"object": "list", "data": [job_status(view).model_dump() for view, _ in rows],
+            "next_cursor": next_cursor}
+
+
+@router.get("/v1/usage")
+async def usage(request: Request) -> dict[str, Any]:
+    """Token usage of the caller's finished requests."""
+    state = _state(request)
+    tenant = state.keys.tenant_of(request)
+    return {"tenant": tenant, **await state.ledger.usage(tenant)}
+
+
+def _encode_cursor(created: float, request_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created!r}|{request_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created, _, request_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return float(created), request_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("cursor is not one this API returned", param="cursor") from exc
+
+
+async def _owned(state: GatewayState, request_id: str, tenant: str | None) -> JobView:
+    """The job, if the caller may see it: another tenant's job is 404, exactly like a missing one."""
+    return _mine(await state.jobs.get(request_id), request_id, tenant)
+
+
+def _mine(job: JobView | None, request_id: str, tenant: str | None) -> JobView:
+    if job is None or job.tenant != tenant:
+        raise _unknown(request_id)
+    return job
 
 
 def _unknown(request_id: str) -> NotFound:
