@@ -270,6 +270,7 @@ class GpuWorker:
         if side.leases is not None:
             try:
                 if not await side.leases.acquire(request_id):
+                    log.info("watching %s: another worker's lease holds it", request_id)
                     return "watch"
             except (RedisError, OSError) as exc:  # Redis down: fall back to the terminal check above
                 log.warning("lease for %s not taken (%s): running on the terminal check alone", request_id, exc)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import drop_schema, free_port, make_settings
+from tests.faults.harness import Cluster
+
+# Greedy engine (the sampling path costs ~14x on the tiny model), 32 at a time, short leases.
+WORKER = {
+    "INFERLOG_WORKER_SAMPLING": "false", "INFERLOG_WORKER_MAX_RUNNING": "32", "INFERLOG_WORKER_NUM_BLOCKS": "256",
+    "INFERLOG_WORKER_MAX_BATCH_TOKENS": "512", "INFERLOG_WORKER_LEASE_TTL_MS": "3000",
+    "INFERLOG_WORKER_SESSION_TIMEOUT_MS": "6000", "INFERLOG_WORKER_HEARTBEAT_INTERVAL_MS": "1000",
+    "INFERLOG_WORKER_WATCH_INTERVAL_S": "0.5", "INFERLOG_WORKER_LOAD_INTERVAL_S": "0.2",
+}
+FAULT_BUDGET_S = 90.0
+
+MakeCluster = Callable[..., Awaitable[Cluster]]
+
+
+@pytest.fixture
+async def make_cluster(run_id: str, tiny_dir: Path, tmp_path: Path) -> AsyncIterator[MakeCluster]:
+    clusters: list[Cluster] = []
+
+    async def factory(name: str, **overrides: object) -> Cluster:
+        settings = make_settings(run_id, f"127.0.0.1:{free_port()}", tiny_dir, suffix=name, with_smollm2=False,
+                                 **overrides)
+        cluster = Cluster(settings, tmp_path)
+        clusters.append(cluster)
+        await cluster.start_infra()
+        return cluster
+
+    yield factory
+    for cluster in clusters:
+        await cluster.close()
+        await drop_schema(cluster.settings.postgres_schema)
+
+
+def start_pipeline(cluster: Cluster, workers: tuple[str, ...] = ("w",), **worker_env: str) -> None:
+    cluster.spawn("store", "result-store")
+    for name in workers:
+        cluster.spawn(name, "gpu-worker", **{**WORKER, **worker_env})
+    cluster.spawn("tok", "tokenizer")
+    cluster.spawn("gw", "gateway")

@@ -1,0 +1,304 @@
+"""The fault suite's harness: a cluster of real processes (`inferlog run <service>` each, over its own
+Tansu broker), a client that submits the way a user's program would (retrying 503s and connection errors
+with the same Idempotency-Key), and the invariant checker.
+
+The checker computes, DESIGN.md's contract in numbers:
+- lost: IDs that got a 202 and have no terminal result in the store;
+- conflicting outcomes: IDs with two different terminal results on the results topic, or whose stored
+  result is not one of those on the topic;
+- generations: acknowledged attempt events (``running`` events from the gpu-worker stage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from aiokafka import TopicPartition
+from redis.asyncio import Redis
+
+from inferlog import broker
+from inferlog.config import InferlogSettings
+from inferlog.db import migrate
+from inferlog.kafka import make_consumer
+from inferlog.messages import EventRecord, ResultRecord, Status
+from inferlog.topics import Topics, ensure_topics, group_is_consuming
+from tests.conftest import free_port, settings_env
+
+TERMINAL = {s.value for s in Status if s.is_terminal()}
+
+
+@dataclass
+class Proc:
+    name: str
+    service: str
+    env: dict[str, str]
+    log: Path
+    popen: subprocess.Popen[bytes]
+    incarnation: int = 1
+
+
+@dataclass
+class Cluster:
+    """Processes of one fault test, all ended by PID at the end."""
+
+    settings: InferlogSettings
+    workdir: Path
+    gateway_port: int = field(default_factory=free_port)
+    procs: dict[str, Proc] = field(default_factory=dict)
+    broker_proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def topics(self) -> Topics:
+        return Topics.from_settings(self.settings)
+
+    async def start_infra(self) -> None:
+        host, port = broker.parse_bootstrap(self.settings.kafka_bootstrap)
+        self.broker_proc = broker.start_tansu(host, port, log_file=self.workdir / "broker.log")
+        await migrate(self.settings.postgres_url, self.settings.postgres_schema)
+        await ensure_topics(self.settings.kafka_bootstrap, self.topics)
+
+    def spawn(self, name: str, service: str, **env: str) -> Proc:
+        previous = self.procs.get(name)
+        incarnation = previous.incarnation + 1 if previous else 1
+        full_env = dict(os.environ, **settings_env(self.settings), INFERLOG_LOG_LEVEL="INFO",
+                        INFERLOG_GATEWAY_PORT=str(self.gateway_port), **env)
+        if service == "gpu-worker":
+            full_env.setdefault("INFERLOG_WORKER_WORKER_ID", f"{name}.{incarnation}")
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            popen = subprocess.Popen([sys.executable, "-m", "inferlog.cli", "run", service], env=full_env,
+                                     stdout=out, stderr=subprocess.STDOUT)
+        self.procs[name] = Proc(name, service, env, log, popen, incarnation)
+        return self.procs[name]
+
+    def restart(self, name: str) -> Proc:
+        proc = self.procs[name]
+        return self.spawn(name, proc.service, **proc.env)
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        self.procs[name].popen.send_signal(sig)
+        if sig in (signal.SIGKILL,):
+            self.procs[name].popen.wait()
+
+    def worker_id(self, name: str) -> str:
+        proc = self.procs[name]
+        return proc.env.get("INFERLOG_WORKER_WORKER_ID", f"{name}.{proc.incarnation}")
+
+    async def load(self, name: str) -> dict[str, str]:
+        redis = Redis.from_url(self.settings.redis_url, decode_responses=True)
+        try:
+            return await redis.hgetall(f"{self.settings.redis_prefix}:worker:{self.worker_id(name)}")  # type: ignore[no-any-return]
+        finally:
+            await redis.aclose()
+
+    async def wait_ready(self, timeout: float = 120) -> None:
+        """Every worker reports load, the consumer groups settled, the gateway is ready."""
+        deadline = time.monotonic() + timeout
+        for name, proc in self.procs.items():
+            while proc.service == "gpu-worker" and not await self.load(name):
+                self._check_alive(deadline)
+                await asyncio.sleep(0.2)
+        for service in ("tokenizer", "result-store"):
+            if any(p.service == service for p in self.procs.values()):
+                while not await group_is_consuming(self.settings.kafka_bootstrap, self.topics.group(service)):
+                    self._check_alive(deadline)
+                    await asyncio.sleep(0.2)
+        if any(p.service == "gateway" for p in self.procs.values()):
+            async with httpx.AsyncClient(base_url=self.url, timeout=2) as http:
+                while True:
+                    try:
+                        if (await http.get("/readyz")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    self._check_alive(deadline)
+                    await asyncio.sleep(0.2)
+
+    def _check_alive(self, deadline: float) -> None:
+        for proc in self.procs.values():
+            if proc.popen.poll() is not None:
+                raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}:\n{tail(proc.log)}")
+        if time.monotonic() > deadline:
+            raise AssertionError("cluster not ready in time")
+
+    async def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGCONT)
+                proc.popen.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+        if self.broker_proc is not None:
+            self.broker_proc.send_signal(signal.SIGCONT)
+            self.broker_proc.terminate()
+            self.broker_proc.wait(timeout=10)
+        redis = Redis.from_url(self.settings.redis_url)
+        try:
+            keys = [k async for k in redis.scan_iter(f"{self.settings.redis_prefix}:*")]
+            if keys:
+                await redis.delete(*keys)
+        except Exception:  # noqa: BLE001 - best-effort cleanup of a store the test may have stopped
+            pass
+        finally:
+            await redis.aclose()
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+@dataclass
+class Client:
+    """Submits like a user's program: every request has its own Idempotency-Key and is retried on 5xx,
+    429 and connection errors until it gets a 202 (or the deadline passes)."""
+
+    url: str
+    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retries: int = 0
+    concurrency: int = 16
+
+    async def submit_many(self, bodies: dict[str, dict[str, Any]], deadline_s: float = 60) -> None:
+        gate = asyncio.Semaphore(self.concurrency)
+        deadline = time.monotonic() + deadline_s
+        async with httpx.AsyncClient(base_url=self.url, timeout=10) as http:
+            async def one(key: str, body: dict[str, Any]) -> None:
+                async with gate:
+                    while time.monotonic() < deadline:
+                        try:
+                            response = await http.post("/v1/requests", json=body, headers={"Idempotency-Key": key})
+                            if response.status_code == 202:
+                                self.accepted[response.json()["id"]] = body
+                                return
+                            assert response.status_code in (429, 503), response.text
+                        except httpx.HTTPError:
+                            pass
+                        self.retries += 1
+                        await asyncio.sleep(0.2 + random.random() * 0.3)
+
+            await asyncio.gather(*(one(key, body) for key, body in bodies.items()))
+
+
+def long_bodies(count: int, prefix: str, *, low: int = 128, high: int = 256, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``count`` requests with 128–256 output tokens (EOS ignored), keyed by their Idempotency-Key."""
+    rng = random.Random(seed)
+    return {f"{prefix}-{i}": {"messages": [{"role": "user", "content": f"Request {i}: tell a long story."}],
+                              "max_tokens": rng.randint(low, high), "ignore_eos": True}
+            for i in range(count)}
+
+
+@dataclass
+class Report:
+    accepted: int
+    lost: list[str]
+    conflicting: list[str]
+    generations: int
+    generations_by_id: dict[str, int]
+    statuses: dict[str, int]
+    attempted_by: dict[str, set[str]]
+    """worker_id → request IDs it recorded an attempt for."""
+    finished_by: dict[str, set[str]]
+    """worker_id → request IDs it published a result for."""
+
+    def interrupted(self, worker_id: str) -> set[str]:
+        """Requests the worker started and never finished: its in-flight work when it died."""
+        return self.attempted_by.get(worker_id, set()) - self.finished_by.get(worker_id, set())
+
+    @property
+    def regenerated(self) -> list[str]:
+        return [rid for rid, n in self.generations_by_id.items() if n > 1]
+
+
+async def read_topic(settings: InferlogSettings, topic: str, quiet_polls: int = 4) -> list[tuple[bytes | None, bytes]]:
+    """Every record of ``topic`` from the start, until the log is quiet."""
+    consumer = make_consumer(settings.kafka_bootstrap, None)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[tuple[bytes | None, bytes]] = []
+        quiet = 0
+        while quiet < quiet_polls:
+            batches = await consumer.getmany(timeout_ms=250, max_records=5000)
+            got = [(r.key, r.value) for batch in batches.values() for r in batch]
+            out += got  # type: ignore[arg-type]
+            quiet = 0 if got else quiet + 1
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def wait_all_terminal(settings: InferlogSettings, ids: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    conn = await asyncpg.connect(settings.postgres_url, server_settings={"search_path": settings.postgres_schema})
+    try:
+        while True:
+            done = await conn.fetchval("SELECT count(*) FROM results WHERE request_id = ANY($1::text[])", ids)
+            if done == len(ids) or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+
+
+async def check(settings: InferlogSettings, accepted: list[str]) -> Report:
+    conn = await asyncpg.connect(settings.postgres_url, server_settings={"search_path": settings.postgres_schema})
+    try:
+        stored = {r["request_id"]: (r["status"], r["text"]) for r in await conn.fetch(
+            "SELECT request_id, status, text FROM results WHERE request_id = ANY($1::text[])", accepted)}
+    finally:
+        await conn.close()
+    topics = Topics.from_settings(settings)
+    on_topic: dict[str, set[tuple[str, str | None]]] = defaultdict(set)
+    finished_by: dict[str, set[str]] = defaultdict(set)
+    for _key, value in await read_topic(settings, topics.results):
+        result = ResultRecord.model_validate_json(value)
+        on_topic[result.request_id].add((result.status.value, result.text))
+        finished_by[result.worker_id or ""].add(result.request_id)
+    attempts: dict[str, int] = defaultdict(int)
+    attempted_by: dict[str, set[str]] = defaultdict(set)
+    for _key, value in await read_topic(settings, topics.events):
+        event = EventRecord.model_validate_json(value)
+        if event.stage == "gpu-worker" and event.status is Status.RUNNING:
+            attempts[event.request_id] += 1
+            attempted_by[event.worker_id or ""].add(event.request_id)
+    wanted = set(accepted)
+    conflicting = [rid for rid in accepted if len(on_topic.get(rid, ())) > 1
+                   or (rid in stored and on_topic.get(rid) and stored[rid] not in on_topic[rid])]
+    statuses: dict[str, int] = defaultdict(int)
+    for status, _text in stored.values():
+        statuses[status] += 1
+    return Report(
+        accepted=len(accepted), lost=[rid for rid in accepted if rid not in stored], conflicting=conflicting,
+        generations=sum(n for rid, n in attempts.items() if rid in wanted),
+        generations_by_id={rid: n for rid, n in attempts.items() if rid in wanted}, statuses=dict(statuses),
+        attempted_by=dict(attempted_by), finished_by=dict(finished_by),
+    )
+
+
+def describe(report: Report) -> str:
+    return json.dumps({"accepted": report.accepted, "lost": len(report.lost), "conflicting": len(report.conflicting),
+                       "generations": report.generations, "regenerated": len(report.regenerated),
+                       "statuses": report.statuses})

@@ -1,0 +1,108 @@
+"""Faults 1, 2 and 8: a worker killed mid-batch, a worker stopped gracefully, workers added and removed."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+
+from tests.conftest import eventually
+from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
+from tests.faults.harness import Client, check, describe, long_bodies, tail, wait_all_terminal  # noqa: F401
+
+pytestmark = pytest.mark.faults
+
+
+async def _running_at_least(cluster, name: str, n: int) -> dict[str, str] | None:  # type: ignore[no-untyped-def]
+    load = await cluster.load(name)
+    return load if load and int(load.get("running", 0)) >= n else None
+
+
+async def test_sigkill_worker_mid_batch_loses_nothing(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster("f1")
+    start_pipeline(cluster)
+    await cluster.wait_ready()
+    started = time.monotonic()
+    client = Client(cluster.url)
+    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f1")))
+
+    await eventually(lambda: _running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+    victim = cluster.worker_id("w")
+    cluster.signal("w", signal.SIGKILL)
+    cluster.restart("w")
+    await submitting
+    await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
+
+    report = await check(cluster.settings, list(client.accepted))
+    elapsed = time.monotonic() - started
+    interrupted = report.interrupted(victim)
+    assert report.accepted >= 200
+    assert report.lost == [], describe(report)
+    assert report.conflicting == [], describe(report)
+    assert len(interrupted) >= 10, "the kill did not hit work in flight"
+    assert set(report.regenerated) <= interrupted, "only the victim's in-flight work may be generated twice"
+    assert report.generations <= report.accepted + len(interrupted), describe(report)
+    assert report.regenerated, "no interrupted request was redelivered and generated again"
+    assert elapsed <= FAULT_BUDGET_S, f"took {elapsed:.0f}s"
+
+
+async def test_sigterm_worker_finishes_its_batch_and_nothing_runs_twice(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster("f2")
+    start_pipeline(cluster, workers=("w", "w2"), INFERLOG_WORKER_SHUTDOWN_GRACE_S="60")
+    await cluster.wait_ready()
+    started = time.monotonic()
+    client = Client(cluster.url)
+    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f2")))
+
+    await eventually(lambda: _running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+    leaving = cluster.worker_id("w")
+    cluster.signal("w", signal.SIGTERM)
+    await submitting
+    await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
+    code = await asyncio.to_thread(cluster.procs["w"].popen.wait, 60)
+
+    report = await check(cluster.settings, list(client.accepted))
+    elapsed = time.monotonic() - started
+    assert code == 0, tail(cluster.procs["w"].log)
+    assert report.lost == [] and report.conflicting == [], describe(report)
+    assert len(report.attempted_by.get(leaving, ())) >= 10
+    assert report.interrupted(leaving) == set(), "the stopping worker left generations unfinished"
+    assert report.regenerated == [], "a request was generated twice"
+    assert report.generations == report.accepted
+    assert elapsed <= FAULT_BUDGET_S, f"took {elapsed:.0f}s"
+
+
+async def test_workers_added_and_removed_under_traffic(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster("f8")
+    start_pipeline(cluster, workers=("w1",))
+    await cluster.wait_ready()
+    started = time.monotonic()
+    client = Client(cluster.url)
+    # Longer outputs (300-450 tokens, ~3-5 s each here) so generations outlive the ~3 s rebalance.
+    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f8", low=300, high=450)))
+
+    await eventually(lambda: _running_at_least(cluster, "w1", 10), timeout=60, interval=0.05)
+    from tests.faults.conftest import WORKER
+
+    cluster.spawn("w2", "gpu-worker", **WORKER)  # added: the group rebalances under load
+
+    async def w2_watching() -> bool:
+        # w2 re-read records whose generations w1 still runs under its lease (their partitions moved).
+        return "watching" in tail(cluster.procs["w2"].log, 2000)
+
+    await eventually(w2_watching, timeout=60, interval=0.05)
+    removed = cluster.worker_id("w1")
+    cluster.signal("w1", signal.SIGKILL)  # removed, with its leases
+    await submitting
+    await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
+
+    report = await check(cluster.settings, list(client.accepted))
+    elapsed = time.monotonic() - started
+    assert report.lost == [] and report.conflicting == [], describe(report)
+    interrupted = report.interrupted(removed)
+    assert interrupted, "removing w1 hit no work in flight"
+    assert set(report.regenerated) <= interrupted
+    assert "taking over" in tail(cluster.procs["w2"].log, 2000), "w2 never took over an expired lease"
+    assert elapsed <= FAULT_BUDGET_S, f"took {elapsed:.0f}s"
