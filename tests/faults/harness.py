@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 import httpx
 from aiokafka import TopicPartition
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from inferlog import broker
@@ -274,13 +275,19 @@ async def check(settings: InferlogSettings, accepted: list[str]) -> Report:
     on_topic: dict[str, set[tuple[str, str | None]]] = defaultdict(set)
     finished_by: dict[str, set[str]] = defaultdict(set)
     for _key, value in await read_topic(settings, topics.results):
-        result = ResultRecord.model_validate_json(value)
+        try:
+            result = ResultRecord.model_validate_json(value)
+        except ValidationError:
+            continue  # a poison record (fault 10): the store dead-letters it, so do we
         on_topic[result.request_id].add((result.status.value, result.text))
         finished_by[result.worker_id or ""].add(result.request_id)
     attempts: dict[str, int] = defaultdict(int)
     attempted_by: dict[str, set[str]] = defaultdict(set)
     for _key, value in await read_topic(settings, topics.events):
-        event = EventRecord.model_validate_json(value)
+        try:
+            event = EventRecord.model_validate_json(value)
+        except ValidationError:
+            continue
         if event.stage == "gpu-worker" and event.status is Status.RUNNING:
             attempts[event.request_id] += 1
             attempted_by[event.worker_id or ""].add(event.request_id)

@@ -166,8 +166,13 @@ class ModelRunner:
         processor = self._manager.batch_processor if self._manager is not None else None
         if processor is None:
             return RunnerStats(0, self._num_blocks, self._num_blocks)
-        free = round(processor.cache.compute_free_capacity(relative=True) * self._num_blocks)
-        return RunnerStats(len(processor.scheduler.active_requests), free, self._num_blocks)
+        # Blocks held by live requests. Blocks the cache keeps for prefix reuse after their request ended
+        # are reclaimable on demand, so they count as free. The tables belong to the generation thread:
+        # copy them in one step (atomic under the GIL) before reading.
+        allocators = list(processor.cache.cache_allocators.values())
+        in_use = max((len({b for blocks in list(a.block_table.values()) for b in blocks}) for a in allocators),
+                     default=0)
+        return RunnerStats(len(processor.scheduler.active_requests), self._num_blocks - in_use, self._num_blocks)
 
     def _on_output(self, live: _Live, output: Any) -> None:
         if live.future.done():
