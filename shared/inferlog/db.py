@@ -17,6 +17,13 @@ from inferlog.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now, query cancelled
+    asyncpg.InternalClientError,  # a connection left mid-operation by a server that went away
+)
+"""Postgres errors that say "not now" rather than "never": callers turn them into StoreUnavailable."""
+
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x1F3E_10C0  # pg_advisory_xact_lock key for migrations
 
@@ -93,7 +100,7 @@ class GuardedPool:
         self._pool = pool
         self._factory = AsyncCircuitBreakerFactory(
             default_threshold=threshold, default_ttl=ttl_s,
-            exclude=[(asyncpg.PostgresError, lambda exc: not isinstance(exc, asyncpg.PostgresConnectionError))])
+            exclude=[(asyncpg.PostgresError, lambda exc: not isinstance(exc, TRANSIENT_ERRORS))])
         self._name = name
 
     async def _call(self, method: str, *args: object, **kwargs: object) -> object:
@@ -135,6 +142,8 @@ class _GuardedAcquire:
         assert self._conn is not None
         return self._conn
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
         if self._conn is not None:
+            if exc_type is not None and not self._conn.is_closed():
+                self._conn.terminate()  # it may be mid-operation: never hand it to the next caller
             await self._guarded._pool.release(self._conn)

@@ -15,11 +15,11 @@ from typing import Any
 
 import asyncpg
 
-from inferlog.db import GuardedPool
+from inferlog.db import TRANSIENT_ERRORS, GuardedPool
 from inferlog.errors import IdempotencyConflict, StoreUnavailable
 from inferlog.messages import RequestRecord, Status, now
 
-_TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+_TRANSIENT = TRANSIENT_ERRORS
 
 
 def payload_hash(record: RequestRecord) -> str:

@@ -11,9 +11,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from inferlog.errors import BrokerUnavailable, InvalidRequest, StoreUnavailable
 from inferlog_gateway.admission import Overloaded
@@ -91,6 +92,10 @@ def install(app: FastAPI, retry_after_s: int) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code, type_ = _HTTP_CODES.get(exc.status_code, ("http_error", "invalid_request_error"))
         return envelope(exc.status_code, str(exc.detail), type_=type_, code=code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # the client left mid-request: nothing to answer, nothing to log
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncpg
 
+from inferlog.db import TRANSIENT_ERRORS
 from inferlog.errors import StoreUnavailable
 from inferlog.messages import EventRecord, ResultRecord
 
-_TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+_TRANSIENT = TRANSIENT_ERRORS
 
 _ADVANCE_STATUS = """
 INSERT INTO requests (request_id, status, status_rank, model, tenant, timings)

@@ -1,0 +1,136 @@
+"""Faults 5, 6 and 7: Redis stopped, Postgres stopped, the broker paused, each during traffic. Each test
+stops only instances of its own (embedded Postgres / Redis on free ports, its own Tansu), never the
+machine's services."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from inferlog.embedded import EmbeddedPostgres, EmbeddedRedis
+from tests.conftest import eventually, free_port
+from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
+from tests.faults.harness import Client, check, describe, long_bodies, read_topic, wait_all_terminal
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    redis = EmbeddedRedis(free_port())
+    redis.start()
+    yield redis
+    redis.stop()
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    postgres = EmbeddedPostgres(tmp_path / "pg", free_port())
+    postgres.start()
+    yield postgres
+    postgres.stop()
+
+
+async def _running_at_least(cluster, name: str, n: int) -> dict[str, str] | None:  # type: ignore[no-untyped-def]
+    load = await cluster.load(name)
+    return load if load and int(load.get("running", 0)) >= n else None
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_redis_stopped_during_traffic(make_cluster: MakeCluster, own_redis: EmbeddedRedis) -> None:
+    cluster = await make_cluster("f5", redis_url=own_redis.url)
+    start_pipeline(cluster)
+    await cluster.wait_ready()
+    started = time.monotonic()
+    client = Client(cluster.url)
+    bodies = long_bodies(200, "f5")
+    submitting = asyncio.create_task(client.submit_many(bodies))
+    await eventually(lambda: _running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+
+    own_redis.stop()
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
+        await eventually(lambda: _true(len(client.accepted) >= 60), timeout=60, interval=0.05)
+        some = sorted(client.accepted)[:20]
+        for rid in some:  # polls answer from Postgres
+            poll = await http.get(f"/v1/requests/{rid}")
+            assert poll.status_code == 200 and poll.json()["id"] == rid
+        key = next(iter(bodies))
+        again = await http.post("/v1/requests", json=bodies[key], headers={"Idempotency-Key": key})
+        assert again.status_code == 202 and again.headers.get("Idempotent-Replayed") == "true"
+        conflict = await http.post("/v1/requests", json={**bodies[key], "max_tokens": 3},
+                                   headers={"Idempotency-Key": key})
+        assert conflict.status_code == 422  # the ledger decides, Redis or not
+        await asyncio.sleep(2.0)
+    own_redis.start()  # back, empty
+
+    await submitting
+    await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
+    report = await check(cluster.settings, list(client.accepted))
+    assert report.accepted == 200
+    assert report.lost == [] and report.conflicting == [], describe(report)
+    assert time.monotonic() - started <= FAULT_BUDGET_S
+
+
+async def test_postgres_stopped_during_traffic(make_cluster: MakeCluster, own_postgres: EmbeddedPostgres) -> None:
+    cluster = await make_cluster("f6", postgres_url=own_postgres.url)
+    start_pipeline(cluster)
+    await cluster.wait_ready()
+    started = time.monotonic()
+    client = Client(cluster.url)
+    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f6")))
+    await eventually(lambda: _running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+
+    own_postgres.stop()
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
+        refused = await http.post("/v1/requests", json={"messages": [{"role": "user", "content": "x"}]})
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "store_unavailable"
+        await asyncio.sleep(8.0)  # longer than any single retry: services wait it out, committing nothing
+        assert (await http.get("/readyz")).status_code == 503
+    own_postgres.start()
+
+    await submitting
+    assert client.retries > 0
+    await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
+    report = await check(cluster.settings, list(client.accepted))
+    assert report.accepted == 200
+    assert report.lost == [] and report.conflicting == [], describe(report)
+    assert await read_topic(cluster.settings, cluster.topics.dlq) == [], "an outage sent records to the DLQ"
+    for proc in cluster.procs.values():
+        assert proc.popen.poll() is None, f"{proc.name} died during the outage"
+    assert time.monotonic() - started <= FAULT_BUDGET_S
+
+
+async def test_broker_paused_during_submits(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster("f7")
+    start_pipeline(cluster)
+    await cluster.wait_ready()
+    started = time.monotonic()
+    client = Client(cluster.url)
+    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f7", low=64, high=128)))
+    await eventually(lambda: _true(len(client.accepted) >= 40), timeout=60, interval=0.02)
+
+    assert cluster.broker_proc is not None
+    cluster.broker_proc.send_signal(signal.SIGSTOP)
+    before = len(client.accepted)
+    await asyncio.sleep(8.0)
+    accepted_while_paused = len(client.accepted) - before
+    cluster.broker_proc.send_signal(signal.SIGCONT)
+
+    await submitting
+    assert accepted_while_paused > 0, "no submit was accepted while the broker was paused"
+    await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
+    report = await check(cluster.settings, list(client.accepted))
+    assert report.accepted == 200
+    assert report.lost == [] and report.conflicting == [], describe(report)
+    assert "outbox relay published" in (cluster.procs["gw"].log.read_text())
+    assert time.monotonic() - started <= FAULT_BUDGET_S
