@@ -13,6 +13,7 @@ from importlib import resources
 
 import asyncpg
 
+from inferlog.breakers import CircuitBreaker
 from inferlog.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -94,24 +95,15 @@ class GuardedPool:
     of a recovering Postgres); then one trial call half-opens it. Query errors (bad SQL, constraint
     violations) are not connection failures and do not count."""
 
-    def __init__(self, pool: asyncpg.Pool, *, threshold: int = 5, ttl_s: float = 5.0, name: str = "postgres") -> None:
-        from purgatory import AsyncCircuitBreakerFactory
-
+    def __init__(self, pool: asyncpg.Pool, *, threshold: int = 5, ttl_s: float = 5.0) -> None:
         self._pool = pool
-        self._factory = AsyncCircuitBreakerFactory(
-            default_threshold=threshold, default_ttl=ttl_s,
-            exclude=[(asyncpg.PostgresError, lambda exc: not isinstance(exc, TRANSIENT_ERRORS))])
-        self._name = name
+        self._breaker = CircuitBreaker("postgres", threshold=threshold, ttl_s=ttl_s,
+                                       counts=lambda exc: isinstance(exc, TRANSIENT_ERRORS))
 
     async def _call(self, method: str, *args: object, **kwargs: object) -> object:
-        from purgatory.domain.model import OpenedState
-
-        breaker = await self._factory.get_breaker(self._name)
-        try:
-            async with breaker:
-                return await getattr(self._pool, method)(*args, **kwargs)
-        except OpenedState as exc:
-            raise StoreUnavailable("Postgres circuit is open after repeated failures; retry later") from exc
+        async with self._breaker.guard(
+                lambda: StoreUnavailable("Postgres circuit is open after repeated failures; retry later")):
+            return await getattr(self._pool, method)(*args, **kwargs)
 
     async def fetch(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         return await self._call("fetch", *args, **kwargs)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from inferlog.topics import Topics
 from tests.conftest import drop_schema, eventually, free_port, make_settings
 from tests.e2e.conftest import RunningStack, inferlog_up
 
@@ -43,7 +44,10 @@ async def submit(http: httpx.AsyncClient, **body: Any) -> str:
 
 async def wait_terminal(http: httpx.AsyncClient, request_id: str, timeout: float = 120) -> dict[str, Any]:
     async def poll() -> dict[str, Any] | None:
-        job = (await http.get(f"/v1/requests/{request_id}")).json()
+        response = await http.get(f"/v1/requests/{request_id}")
+        if response.status_code == 404:
+            return None  # a direct producer's record: not claimed yet
+        job = response.json()
         return job if job["status"] in ("completed", "failed", "cancelled", "expired") else None
 
     return await eventually(poll, timeout=timeout, interval=0.2)  # type: ignore[no-any-return]
@@ -186,3 +190,76 @@ async def test_resubmitting_with_the_same_key_is_one_job(http: httpx.AsyncClient
     assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
     assert again.json()["status"] == "completed"
     assert (await http.get(f"/v1/requests/{first.json()['id']}")).json() == job
+
+
+def _direct(request_id: str, **fields: Any) -> bytes:
+    record = {"schema_version": 1, "request_id": request_id, "model": "tiny-llama",
+              "messages": [{"role": "user", "content": "hello"}], "params": {"max_tokens": 4}}
+    for key, value in fields.items():
+        if key in ("max_tokens", "temperature", "top_p", "stop"):
+            record["params"][key] = value  # type: ignore[index]
+        else:
+            record[key] = value
+    return json.dumps(record).encode()
+
+
+DIRECT_BAD_RECORDS: list[tuple[str, str | None, bytes]] = [
+    ("max_tokens zero", "d-mt0", _direct("d-mt0", max_tokens=0)),
+    ("max_tokens negative", "d-mtneg", _direct("d-mtneg", max_tokens=-5)),
+    ("max_tokens huge", "d-mthuge", _direct("d-mthuge", max_tokens=10**9)),
+    ("max_tokens float", "d-mtfloat", _direct("d-mtfloat", max_tokens=1.5)),
+    ("temperature negative", "d-temp", _direct("d-temp", temperature=-1)),
+    ("temperature NaN", "d-nan", _direct("d-nan").replace(b'"max_tokens": 4', b'"max_tokens": 4, "temperature": NaN')),
+    ("top_p zero", "d-topp0", _direct("d-topp0", top_p=0)),
+    ("top_p above one", "d-topp2", _direct("d-topp2", top_p=1.5)),
+    ("too many stops", "d-stops", _direct("d-stops", stop=["a", "b", "c", "d", "e"])),
+    ("empty messages", "d-empty", _direct("d-empty", messages=[])),
+    ("empty prompt", "d-emptyprompt", _direct("d-emptyprompt", messages=None, prompt="")),
+    ("unknown role", "d-role", _direct("d-role", messages=[{"role": "wizard", "content": "x"}])),
+    ("unknown model", "d-model", _direct("d-model", model="gpt-17")),
+    ("prompt beyond context", "d-long", _direct("d-long", messages=[{"role": "user", "content": "word " * 900}])),
+    ("invalid utf-8", "d-utf8", b'{"request_id": "d-utf8", "prompt": "\xff\xfe"}'),
+    ("lone surrogate", "d-surrogate", _direct("d-surrogate").replace(b'"hello"', b'"\\ud800 x"')),
+    ("not json, no key", None, b"{{{ garbage"),
+]
+
+
+async def test_direct_records_with_bad_input_end_failed(stack: RunningStack, http: httpx.AsyncClient) -> None:
+    """Direct producers skip the gateway's checks: the tokenizer checks the same things, ends each bad
+    record ``failed`` with a message, and keeps consuming."""
+    from aiokafka import AIOKafkaProducer
+
+    topics = Topics.from_settings(stack.settings)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        for _case, request_id, value in DIRECT_BAD_RECORDS:
+            await producer.send_and_wait(topics.requests, value, key=request_id.encode() if request_id else None)
+        await producer.send_and_wait(topics.requests, _direct("d-good"), key=b"d-good")
+    finally:
+        await producer.stop()
+    good = await wait_terminal(http, "d-good")
+    assert good["status"] == "completed"  # claimed by the tokenizer on first sight, then generated
+    for case, request_id, _value in DIRECT_BAD_RECORDS:
+        if request_id is None:
+            continue
+        job = await wait_terminal(http, request_id, timeout=30)
+        assert job["status"] == "failed", (case, job)
+        assert job["error"]["message"], case
+
+
+async def test_a_conflicting_direct_record_is_never_generated(stack: RunningStack, http: httpx.AsyncClient) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    original = await submit(http, messages=CHAT, max_tokens=5, request_id="d-conflict")
+    job = await wait_terminal(http, original)
+    topics = Topics.from_settings(stack.settings)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.requests, _direct("d-conflict", max_tokens=7), key=b"d-conflict")
+        await producer.send_and_wait(topics.requests, _direct("d-after"), key=b"d-after")
+    finally:
+        await producer.stop()
+    assert (await wait_terminal(http, "d-after"))["status"] == "completed"  # processed after the conflict
+    assert (await http.get(f"/v1/requests/{original}")).json() == job  # the original job is untouched

@@ -11,6 +11,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from inferlog.breakers import CircuitBreaker
 from inferlog.hot import CancelFlags, DeltaStream, StatusCache
 from inferlog.ledger import JobView, RequestLedger
 from inferlog.messages import now
@@ -27,11 +28,19 @@ class JobReader:
         self._hot = hot
         self._cancels = cancels
         self._deltas = deltas
+        # A Redis that hangs (not refusing, just silent) would cost every poll its socket timeout: after
+        # three failures, skip Redis for ten seconds and go straight to the fallbacks.
+        self._redis = CircuitBreaker("redis", threshold=3, ttl_s=10.0,
+                                     counts=lambda exc: isinstance(exc, (RedisError, OSError)))
+
+    def _guard(self):  # type: ignore[no-untyped-def]
+        return self._redis.guard(lambda: RedisError("Redis circuit is open"))
 
     async def get(self, request_id: str) -> JobView | None:
         if self._hot is not None:
             try:
-                hot = await self._hot.get(request_id)
+                async with self._guard():
+                    hot = await self._hot.get(request_id)
                 if hot is not None:
                     return JobView.from_hot(hot)
             except (RedisError, OSError) as exc:
@@ -52,7 +61,8 @@ class JobReader:
         try:
             if self._hot is None:
                 raise RedisError("no Redis configured")
-            await self._hot.wait_done(request_id, wait_s, terminal_in_store)
+            async with self._guard():
+                await self._hot.wait_done(request_id, wait_s, terminal_in_store)
         except (RedisError, OSError):
             deadline = asyncio.get_running_loop().time() + wait_s
             while asyncio.get_running_loop().time() < deadline and not await terminal_in_store():
@@ -65,7 +75,8 @@ class JobReader:
         job = await self._ledger.request_cancel(request_id, now())
         if job is not None and not job.status.is_terminal() and self._cancels is not None:
             try:
-                await self._cancels.raise_flag(request_id)
+                async with self._guard():
+                    await self._cancels.raise_flag(request_id)
             except (RedisError, OSError) as exc:
                 log.warning("cancel of %s recorded in the ledger only (Redis: %s)", request_id, exc)
         return job
@@ -80,7 +91,8 @@ class JobReader:
         last = "0"
         try:
             while True:
-                entries = await self._deltas.read(request_id, last, block_ms=1000)
+                async with self._guard():
+                    entries = await self._deltas.read(request_id, last, block_ms=1000)
                 for entry_id, fields in entries:
                     last = entry_id
                     if "d" in fields:
