@@ -21,6 +21,17 @@ from inferlog.messages import RequestRecord, Status, now
 
 _TRANSIENT = TRANSIENT_ERRORS
 
+_MARK_QUEUED = """
+UPDATE requests
+   SET published = true,
+       status = CASE WHEN status_rank < $2 THEN $3 ELSE status END,
+       status_rank = GREATEST(status_rank, $2),
+       timings = timings || jsonb_build_object('queued_at', $4::double precision),
+       updated_at = now()
+ WHERE request_id = ANY($1::text[])
+"""
+"""The broker has the records (a submit's own produce, or the outbox relay): they are queued."""
+
 
 def payload_hash(record: RequestRecord) -> str:
     """Hash of what defines the job (not its ID, timings or deadline's receipt time)."""
@@ -143,21 +154,7 @@ class RequestLedger:
     async def mark_published(self, request_id: str, queued_at: float) -> None:
         """The broker acknowledged the record: the job is queued."""
         try:
-            await self._pool.execute(
-                """
-                UPDATE requests
-                   SET published = true,
-                       status = CASE WHEN status_rank < $2 THEN $3 ELSE status END,
-                       status_rank = GREATEST(status_rank, $2),
-                       timings = timings || jsonb_build_object('queued_at', $4::double precision),
-                       updated_at = now()
-                 WHERE request_id = $1
-                """,
-                request_id,
-                Status.QUEUED.rank,
-                Status.QUEUED.value,
-                queued_at,
-            )
+            await self._pool.execute(_MARK_QUEUED, [request_id], Status.QUEUED.rank, Status.QUEUED.value, queued_at)
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
 
@@ -186,18 +183,8 @@ class RequestLedger:
                 records = [RequestRecord.model_validate_json(row["payload"]) for row in rows]
                 records = [r.model_copy(update={"timings": r.timings.merged(queued_at=queued_at)}) for r in records]
                 await publish(records)
-                await conn.execute(
-                    """
-                    UPDATE requests
-                       SET published = true,
-                           status = CASE WHEN status_rank < $2 THEN $3 ELSE status END,
-                           status_rank = GREATEST(status_rank, $2),
-                           timings = timings || jsonb_build_object('queued_at', $4::double precision),
-                           updated_at = now()
-                     WHERE request_id = ANY($1::text[])
-                    """,
-                    [r.request_id for r in records], Status.QUEUED.rank, Status.QUEUED.value, queued_at,
-                )
+                await conn.execute(_MARK_QUEUED, [r.request_id for r in records], Status.QUEUED.rank,
+                                   Status.QUEUED.value, queued_at)
                 return len(records)
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"ledger unavailable: {exc}") from exc

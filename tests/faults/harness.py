@@ -165,6 +165,17 @@ class Cluster:
             await redis.aclose()
 
 
+async def running_at_least(cluster: Cluster, name: str, n: int) -> dict[str, str] | None:
+    """The worker's load hash once its running batch has at least ``n`` requests (else None)."""
+    load = await cluster.load(name)
+    return load if load and int(load.get("running", 0)) >= n else None
+
+
+async def truthy(value: object) -> bool:
+    """For ``eventually(lambda: truthy(...))`` on a plain condition."""
+    return bool(value)
+
+
 def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 

@@ -16,14 +16,19 @@ from aiokafka import AIOKafkaProducer
 from inferlog.messages import DeadLetter
 from tests.conftest import eventually
 from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
-from tests.faults.harness import Client, check, describe, long_bodies, read_topic, wait_all_terminal
+from tests.faults.harness import (
+    Client,
+    check,
+    describe,
+    long_bodies,
+    read_topic,
+    running_at_least,
+    truthy,
+    wait_all_terminal,
+)
 
 pytestmark = pytest.mark.faults
 
-
-async def _running_at_least(cluster, name: str, n: int) -> dict[str, str] | None:  # type: ignore[no-untyped-def]
-    load = await cluster.load(name)
-    return load if load and int(load.get("running", 0)) >= n else None
 
 
 async def _timings(cluster, ids: list[str]) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
@@ -46,7 +51,7 @@ async def test_tokenizer_and_result_store_killed_mid_stream(make_cluster: MakeCl
     client = Client(cluster.url)
     submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f3")))
 
-    await eventually(lambda: _running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+    await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
     cluster.signal("tok", signal.SIGKILL)
     cluster.signal("store", signal.SIGKILL)
     killed_at = time.time()
@@ -78,7 +83,7 @@ async def test_gateway_restart_between_submit_and_retry(make_cluster: MakeCluste
     bodies = long_bodies(200, "f4")
     client = Client(cluster.url)
     submitting = asyncio.create_task(client.submit_many(bodies))
-    await eventually(lambda: _async(len(client.accepted) >= 50), timeout=60, interval=0.02)
+    await eventually(lambda: truthy(len(client.accepted) >= 50), timeout=60, interval=0.02)
     cluster.signal("gw", signal.SIGKILL)  # some submits are in flight: their clients see a broken connection
     cluster.restart("gw")
     await submitting
@@ -100,9 +105,6 @@ async def test_gateway_restart_between_submit_and_retry(make_cluster: MakeCluste
     assert time.monotonic() - started <= FAULT_BUDGET_S
 
 
-async def _async(value: bool) -> bool:
-    return value
-
 
 async def test_cancel_fifty_in_flight_jobs(make_cluster: MakeCluster) -> None:
     cluster = await make_cluster("f9")
@@ -110,13 +112,15 @@ async def test_cancel_fifty_in_flight_jobs(make_cluster: MakeCluster) -> None:
     await cluster.wait_ready()
     started = time.monotonic()
     client = Client(cluster.url)
-    bodies = long_bodies(60, "f9", low=400, high=450)
-    await client.submit_many(bodies)
-    await eventually(lambda: _running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f9")))
+    await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+    await eventually(lambda: truthy(len(client.accepted) >= 60), timeout=60, interval=0.05)
+    # 50 of the accepted, in flight: running in the batch, waiting for KV room, or still in the log.
     victims = sorted(client.accepted)[:50]
     async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
         responses = await asyncio.gather(*(http.delete(f"/v1/requests/{rid}") for rid in victims))
         assert all(r.status_code in (200, 202) for r in responses)
+        await submitting
         await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
         jobs = {rid: (await http.get(f"/v1/requests/{rid}")).json() for rid in victims}
         streams = {rid: await _stream(http, rid) for rid in victims}
@@ -176,11 +180,11 @@ async def test_a_poison_record_on_every_topic(make_cluster: MakeCluster) -> None
     started = time.monotonic()
     topics = cluster.topics
     client = Client(cluster.url)
-    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f10", low=16, high=32)))
+    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f10", low=64, high=128)))
     producer = AIOKafkaProducer(bootstrap_servers=cluster.settings.kafka_bootstrap, enable_idempotence=False)
     await producer.start()
     try:
-        await eventually(lambda: _async(len(client.accepted) >= 20), timeout=60, interval=0.05)
+        await eventually(lambda: truthy(len(client.accepted) >= 20), timeout=60, interval=0.05)
         poison = {
             topics.requests: (b"poison-req", b"\xff not json"),
             topics.tokenized_interactive: (b"poison-tok", b'{"request_id": "poison-tok", "input_ids": "x"}'),

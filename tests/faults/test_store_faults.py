@@ -16,7 +16,16 @@ import pytest
 from inferlog.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.conftest import eventually, free_port
 from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
-from tests.faults.harness import Client, check, describe, long_bodies, read_topic, wait_all_terminal
+from tests.faults.harness import (
+    Client,
+    check,
+    describe,
+    long_bodies,
+    read_topic,
+    running_at_least,
+    truthy,
+    wait_all_terminal,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -37,13 +46,6 @@ def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
     postgres.stop()
 
 
-async def _running_at_least(cluster, name: str, n: int) -> dict[str, str] | None:  # type: ignore[no-untyped-def]
-    load = await cluster.load(name)
-    return load if load and int(load.get("running", 0)) >= n else None
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_redis_stopped_during_traffic(make_cluster: MakeCluster, own_redis: EmbeddedRedis) -> None:
@@ -54,11 +56,11 @@ async def test_redis_stopped_during_traffic(make_cluster: MakeCluster, own_redis
     client = Client(cluster.url)
     bodies = long_bodies(200, "f5")
     submitting = asyncio.create_task(client.submit_many(bodies))
-    await eventually(lambda: _running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+    await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
 
     own_redis.stop()
     async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
-        await eventually(lambda: _true(len(client.accepted) >= 60), timeout=60, interval=0.05)
+        await eventually(lambda: truthy(len(client.accepted) >= 60), timeout=60, interval=0.05)
         some = sorted(client.accepted)[:20]
         for rid in some:  # polls answer from Postgres
             poll = await http.get(f"/v1/requests/{rid}")
@@ -87,7 +89,7 @@ async def test_postgres_stopped_during_traffic(make_cluster: MakeCluster, own_po
     started = time.monotonic()
     client = Client(cluster.url)
     submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f6")))
-    await eventually(lambda: _running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+    await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
 
     own_postgres.stop()
     async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
@@ -117,7 +119,7 @@ async def test_broker_paused_during_submits(make_cluster: MakeCluster) -> None:
     started = time.monotonic()
     client = Client(cluster.url)
     submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f7", low=64, high=128)))
-    await eventually(lambda: _true(len(client.accepted) >= 40), timeout=60, interval=0.02)
+    await eventually(lambda: truthy(len(client.accepted) >= 40), timeout=60, interval=0.02)
 
     assert cluster.broker_proc is not None
     cluster.broker_proc.send_signal(signal.SIGSTOP)

@@ -10,14 +10,19 @@ import pytest
 
 from tests.conftest import eventually
 from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
-from tests.faults.harness import Client, check, describe, long_bodies, tail, wait_all_terminal  # noqa: F401
+from tests.faults.harness import (  # noqa: F401
+    Client,
+    check,
+    describe,
+    long_bodies,
+    running_at_least,
+    tail,
+    truthy,
+    wait_all_terminal,
+)
 
 pytestmark = pytest.mark.faults
 
-
-async def _running_at_least(cluster, name: str, n: int) -> dict[str, str] | None:  # type: ignore[no-untyped-def]
-    load = await cluster.load(name)
-    return load if load and int(load.get("running", 0)) >= n else None
 
 
 async def test_sigkill_worker_mid_batch_loses_nothing(make_cluster: MakeCluster) -> None:
@@ -28,7 +33,7 @@ async def test_sigkill_worker_mid_batch_loses_nothing(make_cluster: MakeCluster)
     client = Client(cluster.url)
     submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f1")))
 
-    await eventually(lambda: _running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+    await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
     victim = cluster.worker_id("w")
     cluster.signal("w", signal.SIGKILL)
     cluster.restart("w")
@@ -56,7 +61,7 @@ async def test_sigterm_worker_finishes_its_batch_and_nothing_runs_twice(make_clu
     client = Client(cluster.url)
     submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f2")))
 
-    await eventually(lambda: _running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
+    await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
     leaving = cluster.worker_id("w")
     cluster.signal("w", signal.SIGTERM)
     await submitting
@@ -83,7 +88,7 @@ async def test_workers_added_and_removed_under_traffic(make_cluster: MakeCluster
     # Longer outputs (300-450 tokens, ~3-5 s each here) so generations outlive the ~3 s rebalance.
     submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f8", low=300, high=450)))
 
-    await eventually(lambda: _running_at_least(cluster, "w1", 10), timeout=60, interval=0.05)
+    await eventually(lambda: running_at_least(cluster, "w1", 10), timeout=60, interval=0.05)
     from tests.faults.conftest import WORKER
 
     cluster.spawn("w2", "gpu-worker", **WORKER)  # added: the group rebalances under load
