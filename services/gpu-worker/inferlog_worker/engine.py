@@ -383,11 +383,15 @@ class GpuWorker:
             log.error("worker task failed", exc_info=task.exception())
 
     def drop_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Partitions were revoked: waiting work from them is no longer ours (the new owner re-reads it)."""
+        """Partitions were revoked: work from them that is not generating here (waiting for KV room, or
+        watching another worker's lease) is no longer ours; the new owner re-reads it. Generations already
+        running finish and publish; their offsets are the new owner's to commit."""
+        running = set(self._runner.running_ids())
         for request_id, work in list(self._work.items()):
             work.positions = [(tp, off) for tp, off in work.positions if tp not in revoked]
-            if not work.positions and self._admission.discard_waiting(request_id):
-                del self._work[request_id]
+            if not work.positions and request_id not in running:
+                self._admission.discard_waiting(request_id)
+                del self._work[request_id]  # a watcher sees this and stops
 
     # -- side channels -------------------------------------------------------------------------------------
 
