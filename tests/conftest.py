@@ -103,6 +103,11 @@ async def settings(run_id: str, bootstrap: str, tiny_dir: Path) -> AsyncIterator
     await drop_schema(s.postgres_schema)
 
 
+async def connect_to_schema(settings: InferlogSettings) -> asyncpg.Connection:
+    """A Postgres connection that sees the run's own schema first."""
+    return await asyncpg.connect(settings.postgres_url, server_settings={"search_path": settings.postgres_schema})
+
+
 async def drop_schema(schema: str) -> None:
     conn = await asyncpg.connect(POSTGRES_URL)
     try:

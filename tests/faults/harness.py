@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 from aiokafka import TopicPartition
 from pydantic import ValidationError
@@ -36,7 +35,7 @@ from inferlog.db import migrate
 from inferlog.kafka import make_consumer
 from inferlog.messages import EventRecord, ResultRecord, Status
 from inferlog.topics import Topics, ensure_topics, group_is_consuming
-from tests.conftest import free_port, settings_env
+from tests.conftest import connect_to_schema, free_port, settings_env
 
 TERMINAL = {s.value for s in Status if s.is_terminal()}
 
@@ -264,7 +263,7 @@ async def read_topic(settings: InferlogSettings, topic: str, quiet_polls: int = 
 
 async def wait_all_terminal(settings: InferlogSettings, ids: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    conn = await asyncpg.connect(settings.postgres_url, server_settings={"search_path": settings.postgres_schema})
+    conn = await connect_to_schema(settings)
     try:
         while True:
             done = await conn.fetchval("SELECT count(*) FROM results WHERE request_id = ANY($1::text[])", ids)
@@ -276,7 +275,7 @@ async def wait_all_terminal(settings: InferlogSettings, ids: list[str], timeout:
 
 
 async def check(settings: InferlogSettings, accepted: list[str]) -> Report:
-    conn = await asyncpg.connect(settings.postgres_url, server_settings={"search_path": settings.postgres_schema})
+    conn = await connect_to_schema(settings)
     try:
         stored = {r["request_id"]: (r["status"], r["text"]) for r in await conn.fetch(
             "SELECT request_id, status, text FROM results WHERE request_id = ANY($1::text[])", accepted)}

@@ -8,13 +8,12 @@ import json
 import signal
 import time
 
-import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from inferlog.messages import DeadLetter
-from tests.conftest import eventually
+from tests.conftest import connect_to_schema, eventually
 from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
 from tests.faults.harness import (
     Client,
@@ -32,8 +31,7 @@ pytestmark = pytest.mark.faults
 
 
 async def _timings(cluster, ids: list[str]) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
-    s = cluster.settings
-    conn = await asyncpg.connect(s.postgres_url, server_settings={"search_path": s.postgres_schema})
+    conn = await connect_to_schema(cluster.settings)
     try:
         rows = await conn.fetch("SELECT q.request_id, q.timings || COALESCE(r.timings, '{}') AS t, r.created_at "
                                 "FROM requests q LEFT JOIN results r USING (request_id) "
@@ -165,8 +163,7 @@ async def _stream(http: httpx.AsyncClient, request_id: str) -> tuple[list[str], 
 
 
 async def _stored_text(cluster, request_id: str) -> str:  # type: ignore[no-untyped-def]
-    s = cluster.settings
-    conn = await asyncpg.connect(s.postgres_url, server_settings={"search_path": s.postgres_schema})
+    conn = await connect_to_schema(cluster.settings)
     try:
         return str(await conn.fetchval("SELECT text FROM results WHERE request_id = $1", request_id) or "")
     finally:

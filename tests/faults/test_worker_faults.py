@@ -10,14 +10,13 @@ import pytest
 
 from tests.conftest import eventually
 from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
-from tests.faults.harness import (  # noqa: F401
+from tests.faults.harness import (
     Client,
     check,
     describe,
     long_bodies,
     running_at_least,
     tail,
-    truthy,
     wait_all_terminal,
 )
 

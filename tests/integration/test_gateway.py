@@ -7,7 +7,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
@@ -17,6 +16,7 @@ from inferlog.messages import RequestRecord
 from inferlog.topics import Topics
 from inferlog_gateway.main import create_app
 from inferlog_gateway.settings import GatewaySettings
+from tests.conftest import connect_to_schema
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ async def read_requests_topic(settings: InferlogSettings, request_id: str) -> li
 
 
 async def ledger_row(settings: InferlogSettings, request_id: str) -> Any:
-    conn = await asyncpg.connect(settings.postgres_url, server_settings={"search_path": settings.postgres_schema})
+    conn = await connect_to_schema(settings)
     try:
         return await conn.fetchrow("SELECT status, published, payload_hash FROM requests WHERE request_id=$1",
                                    request_id)

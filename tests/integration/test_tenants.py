@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import asyncpg
 import httpx
 import pytest
 
@@ -15,6 +14,7 @@ from inferlog.messages import ResultRecord, Status, Usage
 from inferlog_gateway.main import create_app
 from inferlog_gateway.settings import GatewaySettings
 from inferlog_store.sink import ResultSink
+from tests.conftest import connect_to_schema
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +95,7 @@ async def test_usage_sums_the_tenants_results(client: httpx.AsyncClient, setting
 
 
 async def test_batch_tier_is_shed_before_interactive(settings: InferlogSettings) -> None:
-    conn = await asyncpg.connect(settings.postgres_url, server_settings={"search_path": settings.postgres_schema})
+    conn = await connect_to_schema(settings)
     open_now = int(await conn.fetchval("SELECT count(*) FROM requests WHERE status_rank < 100"))
     await conn.close()
     # Room for exactly one more interactive request; the batch tier's share is already used up.

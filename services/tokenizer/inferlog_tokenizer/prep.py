@@ -65,11 +65,6 @@ class RequestPreparer:
                 parsed.append((raw, record))
         return parsed, out
 
-    def prepare(self, raws: list[RawRecord]) -> Prepared:
-        """Parse, then validate and tokenize (no ledger: for callers that claim nothing)."""
-        parsed, out = self.parse(raws)
-        return self.prepare_parsed(parsed, out)
-
     def prepare_parsed(self, parsed: list[tuple[RawRecord, RequestRecord]], out: Prepared | None = None) -> Prepared:
         """Phase 2: validate and tokenize records that are ours to run."""
         out = out or Prepared()
