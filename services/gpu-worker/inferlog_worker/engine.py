@@ -252,7 +252,9 @@ class GpuWorker:
         self._deltas.append((request_id, {"end": result.status.value, "finish_reason": result.finish_reason or "",
                                           "completion_tokens": str(result.usage.completion_tokens)}))
         self._work.pop(request_id, None)
-        await self._best_effort(self._side.leases.release(request_id) if self._side.leases else None)
+        # The lease is not released here: it expires on its own (no longer renewed). The result is on the
+        # log but may not be in the store yet, and a worker watching this request takes it over as soon as
+        # the lease is gone; the TTL gives the store time to record the result the watcher then finds.
 
     async def _preflight(self, record: TokenizedRecord) -> str | ResultRecord:
         """``run``; ``done`` (a terminal result is stored: skip it); ``watch`` (another worker's live lease
