@@ -4,7 +4,9 @@
     <prefix>:done:<id>      pub/sub channel: the job reached a terminal status
     <prefix>:cancel:<id>    cancel flag (set by the gateway), and channel <prefix>:cancels for running work
     <prefix>:stream:<id>    Redis stream of token deltas, written by the worker, read by SSE clients
-    <prefix>:lease:<id>     generation lease: the worker generating it, with a short TTL it keeps renewing
+    <prefix>:lease:<id>     generation lease: ``<worker>/<nonce>`` of the attempt generating it, with a short
+                            TTL it keeps renewing; ``done:<worker>/<nonce>`` once its result is on the log,
+                            until the result-store has recorded it
     <prefix>:worker:<wid>   worker load hash (inferlog_worker.load)
 
 Redis is AP here: every write is bounded by a TTL, every reader has a fallback (Postgres for status, the
@@ -15,7 +17,9 @@ fallback. Nothing here is the source of truth.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
+import uuid
 from typing import Any
 
 from redis.asyncio import Redis
@@ -139,38 +143,102 @@ class DeltaStream:
                 for entry_id, fields in entries]
 
 
+class LeaseState(enum.Enum):
+    """What a lease key says about its request."""
+
+    FREE = "free"
+    """No lease: nobody is generating it (or its holder stopped renewing)."""
+    LIVE = "live"
+    """A worker is generating it now and renewing the lease."""
+    DONE = "done"
+    """A worker's result is on the results log; the lease stays until the result-store has recorded it."""
+
+
 class Leases:
-    """Generation leases: one worker generates a request while its lease lives (contract 4)."""
+    """Generation leases: one worker generates a request while its lease lives (contract 4).
 
-    _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) " \
-             "else return 0 end"
+    The value names the holder and the attempt (``<worker_id>/<nonce>``), so no worker mistakes an earlier
+    attempt of its own for the right to generate again: taking a lease is ``SET NX`` and nothing else.
+    Once the result is acknowledged on the log the holder turns its lease into ``done:<value>`` with a long
+    TTL; the result-store deletes it after recording the result. A watcher keeps watching a done lease, so
+    no worker takes over finished work however far the store lags.
+
+    Every method raises on a Redis error: an error is not an absence, and callers decide what it means.
+    """
+
+    _RENEW = """
+local v = redis.call('get', KEYS[1])
+if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end
+if not v then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end
+return 0
+"""
+    _MARK_DONE = """
+local v = redis.call('get', KEYS[1])
+if v == ARGV[1] or not v then redis.call('set', KEYS[1], 'done:' .. ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
     _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+    _FORGET_DONE = "local v = redis.call('get', KEYS[1]) " \
+                   "if v and string.sub(v, 1, 5) == 'done:' then return redis.call('del', KEYS[1]) end return 0"
 
-    def __init__(self, redis: Redis, keys: Keys, holder: str, ttl_ms: int) -> None:
+    RENEWED, RETAKEN, LOST = 1, 2, 0
+
+    def __init__(self, redis: Redis, keys: Keys, holder: str, ttl_ms: int, done_ttl_ms: int = 3_600_000) -> None:
         self._redis = redis
         self._keys = keys
         self.holder = holder
         self.ttl_ms = ttl_ms
+        self.done_ttl_ms = done_ttl_ms
 
-    async def acquire(self, request_id: str) -> bool:
-        """Take the lease if nobody holds it (or we already do)."""
+    def new_value(self) -> str:
+        """The value of one attempt's lease: this worker and a fresh nonce."""
+        return f"{self.holder}/{uuid.uuid4().hex[:12]}"
+
+    async def acquire(self, request_id: str, value: str) -> bool:
+        """Take the lease for this attempt if nobody (this worker included) holds it."""
+        return bool(await self._redis.set(self._keys.lease(request_id), value, nx=True, px=self.ttl_ms))
+
+    async def state_of(self, request_id: str) -> tuple[LeaseState, str | None]:
+        """The lease's state and its holder's value (``None`` when free)."""
+        raw = await self._redis.get(self._keys.lease(request_id))
+        if raw is None:
+            return LeaseState.FREE, None
+        value = _decode(raw)
+        if value.startswith("done:"):
+            return LeaseState.DONE, value[len("done:"):]
+        return LeaseState.LIVE, value
+
+    async def renew_many(self, held: dict[str, str]) -> dict[str, int]:
+        """Renew each held lease (request_id → value). Per request: RENEWED; RETAKEN (it had lapsed, e.g.
+        while Redis was unreachable, and nobody else took it: it is ours again); LOST (another holder)."""
+        if not held:
+            return {}
+        items = list(held.items())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, value in items:
+                pipe.eval(self._RENEW, 1, self._keys.lease(request_id), value, self.ttl_ms)
+            replies = await pipe.execute()
+        return {request_id: int(reply) for (request_id, _value), reply in zip(items, replies, strict=True)}
+
+    async def mark_done(self, request_id: str, value: str) -> bool:
+        """The attempt's result is on the log: keep the lease (as done) until the store records it. False
+        if another holder has it."""
         key = self._keys.lease(request_id)
-        if await self._redis.set(key, self.holder, nx=True, px=self.ttl_ms):
-            return True
-        return await self._redis.eval(self._RENEW, 1, key, self.holder, self.ttl_ms) == 1  # type: ignore[misc]
+        return await self._redis.eval(self._MARK_DONE, 1, key, value, self.done_ttl_ms) == 1  # type: ignore[misc]
 
-    async def holder_of(self, request_id: str) -> str | None:
-        value = await self._redis.get(self._keys.lease(request_id))
-        return _decode(value) if value is not None else None
+    async def release(self, request_id: str, value: str) -> None:
+        """Give up a live lease (the attempt was abandoned, nothing published)."""
+        await self._redis.eval(self._RELEASE, 1, self._keys.lease(request_id), value)  # type: ignore[misc]
 
-    async def renew_many(self, request_ids: list[str]) -> None:
+    async def forget_recorded(self, request_ids: list[str]) -> None:
+        """The store recorded these requests' terminal results: their done leases have served their purpose.
+        A live lease is left alone (its holder is still generating; it renews or lets it expire)."""
+        if not request_ids:
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for request_id in request_ids:
-                pipe.eval(self._RENEW, 1, self._keys.lease(request_id), self.holder, self.ttl_ms)
+                pipe.eval(self._FORGET_DONE, 1, self._keys.lease(request_id))
             await pipe.execute()
-
-    async def release(self, request_id: str) -> None:
-        await self._redis.eval(self._RELEASE, 1, self._keys.lease(request_id), self.holder)  # type: ignore[misc]
 
 
 def _decode(value: bytes | str) -> str:

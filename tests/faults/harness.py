@@ -230,6 +230,8 @@ class Report:
     """worker_id → request IDs it recorded an attempt for."""
     finished_by: dict[str, set[str]]
     """worker_id → request IDs it published a result for."""
+    attempt_times: dict[str, list[float]] = field(default_factory=dict)
+    """request_id → when each of its attempts was admitted (epoch seconds), in order."""
 
     def interrupted(self, worker_id: str) -> set[str]:
         """Requests the worker started and never finished: its in-flight work when it died."""
@@ -239,24 +241,35 @@ class Report:
     def regenerated(self) -> list[str]:
         return [rid for rid, n in self.generations_by_id.items() if n > 1]
 
+    def early_retries(self, not_before: float) -> dict[str, list[float]]:
+        """Requests with an attempt after their first that started before ``not_before``: a takeover that
+        came before the first holder's lease could have expired (a second live generation)."""
+        return {rid: times for rid, times in self.attempt_times.items()
+                if any(t < not_before for t in sorted(times)[1:])}
 
-async def read_topic(settings: InferlogSettings, topic: str, quiet_polls: int = 4) -> list[tuple[bytes | None, bytes]]:
-    """Every record of ``topic`` from the start, until the log is quiet."""
+
+async def read_topic(settings: InferlogSettings, topic: str, timeout: float = 30) -> list[tuple[bytes | None, bytes]]:
+    """Every record of ``topic``: each partition read from its start to the high-water mark its fetches
+    report (this broker's ``end_offsets`` is unreliable, DESIGN.md). Fails if the topic's partitions are
+    unknown or a partition is not read to its end in time, rather than returning a short read."""
     consumer = make_consumer(settings.kafka_bootstrap, None)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in partitions]
+        partitions = consumer.partitions_for_topic(topic)
+        assert partitions, f"no partitions known for {topic}"
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         out: list[tuple[bytes | None, bytes]] = []
-        quiet = 0
-        while quiet < quiet_polls:
-            batches = await consumer.getmany(timeout_ms=250, max_records=5000)
-            got = [(r.key, r.value) for batch in batches.values() for r in batch]
-            out += got  # type: ignore[arg-type]
-            quiet = 0 if got else quiet + 1
-        return out
+        deadline = time.monotonic() + timeout
+        while True:
+            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+            out += [(r.key, r.value) for batch in batches.values() for r in batch]  # type: ignore[misc]
+            behind = [tp for tp in tps if consumer.highwater(tp) is None
+                      or await consumer.position(tp) < (consumer.highwater(tp) or 0)]
+            if not behind:
+                return out
+            assert time.monotonic() < deadline, f"{topic}: partitions {behind} not read to their high-water mark"
     finally:
         await consumer.stop()
 
@@ -292,6 +305,7 @@ async def check(settings: InferlogSettings, accepted: list[str]) -> Report:
         on_topic[result.request_id].add((result.status.value, result.text))
         finished_by[result.worker_id or ""].add(result.request_id)
     attempts: dict[str, int] = defaultdict(int)
+    attempt_times: dict[str, list[float]] = defaultdict(list)
     attempted_by: dict[str, set[str]] = defaultdict(set)
     for _key, value in await read_topic(settings, topics.events):
         try:
@@ -300,6 +314,7 @@ async def check(settings: InferlogSettings, accepted: list[str]) -> Report:
             continue
         if event.stage == "gpu-worker" and event.status is Status.RUNNING:
             attempts[event.request_id] += 1
+            attempt_times[event.request_id].append(event.timings.admitted_at or 0.0)
             attempted_by[event.worker_id or ""].add(event.request_id)
     wanted = set(accepted)
     conflicting = [rid for rid in accepted if len(on_topic.get(rid, ())) > 1
@@ -312,6 +327,7 @@ async def check(settings: InferlogSettings, accepted: list[str]) -> Report:
         generations=sum(n for rid, n in attempts.items() if rid in wanted),
         generations_by_id={rid: n for rid, n in attempts.items() if rid in wanted}, statuses=dict(statuses),
         attempted_by=dict(attempted_by), finished_by=dict(finished_by),
+        attempt_times={rid: sorted(t) for rid, t in attempt_times.items() if rid in wanted},
     )
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.conftest import eventually
-from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
+from tests.faults.conftest import FAULT_BUDGET_S, WORKER, MakeCluster, start_pipeline
 from tests.faults.harness import (
     Client,
     check,
@@ -21,6 +21,10 @@ from tests.faults.harness import (
 )
 
 pytestmark = pytest.mark.faults
+
+LEASE_TTL_S = int(WORKER["INFERLOG_WORKER_LEASE_TTL_MS"]) / 1000
+EARLIEST_TAKEOVER_S = LEASE_TTL_S * 2 / 3
+"""After a holder dies its lease lives at least TTL minus one renewal interval (a third of the TTL)."""
 
 
 
@@ -34,6 +38,7 @@ async def test_sigkill_worker_mid_batch_loses_nothing(make_cluster: MakeCluster)
 
     await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
     victim = cluster.worker_id("w")
+    killed_at = time.time()
     cluster.signal("w", signal.SIGKILL)
     cluster.restart("w")
     await submitting
@@ -47,8 +52,9 @@ async def test_sigkill_worker_mid_batch_loses_nothing(make_cluster: MakeCluster)
     assert report.conflicting == [], describe(report)
     assert len(interrupted) >= 10, "the kill did not hit work in flight"
     assert set(report.regenerated) <= interrupted, "only the victim's in-flight work may be generated twice"
-    assert report.generations <= report.accepted + len(interrupted), describe(report)
+    assert report.generations == report.accepted + len(report.regenerated), describe(report)
     assert report.regenerated, "no interrupted request was redelivered and generated again"
+    assert report.early_retries(killed_at + EARLIEST_TAKEOVER_S) == {}, "taken over while its lease lived"
     assert elapsed <= FAULT_BUDGET_S, f"took {elapsed:.0f}s"
 
 
@@ -88,8 +94,6 @@ async def test_workers_added_and_removed_under_traffic(make_cluster: MakeCluster
     submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f8", low=300, high=450)))
 
     await eventually(lambda: running_at_least(cluster, "w1", 10), timeout=60, interval=0.05)
-    from tests.faults.conftest import WORKER
-
     cluster.spawn("w2", "gpu-worker", **WORKER)  # added: the group rebalances under load
 
     async def w2_watching() -> bool:
@@ -98,6 +102,7 @@ async def test_workers_added_and_removed_under_traffic(make_cluster: MakeCluster
 
     await eventually(w2_watching, timeout=60, interval=0.05)
     removed = cluster.worker_id("w1")
+    killed_at = time.time()
     cluster.signal("w1", signal.SIGKILL)  # removed, with its leases
     await submitting
     await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
@@ -107,6 +112,8 @@ async def test_workers_added_and_removed_under_traffic(make_cluster: MakeCluster
     assert report.lost == [] and report.conflicting == [], describe(report)
     interrupted = report.interrupted(removed)
     assert interrupted, "removing w1 hit no work in flight"
-    assert set(report.regenerated) <= interrupted
+    assert set(report.regenerated) <= interrupted, describe(report)
+    assert report.generations == report.accepted + len(report.regenerated), describe(report)
+    assert report.early_retries(killed_at + EARLIEST_TAKEOVER_S) == {}, "taken over while its lease lived"
     assert "taking over" in tail(cluster.procs["w2"].log, 2000), "w2 never took over an expired lease"
     assert elapsed <= FAULT_BUDGET_S, f"took {elapsed:.0f}s"

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Literal
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -19,8 +22,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from inferlog.errors import StoreUnavailable
-from inferlog.hot import CancelFlags, DeltaStream, Leases
+from inferlog.hot import CancelFlags, DeltaStream, Leases, LeaseState
 from inferlog.kafka import Outgoing, publish_all
 from inferlog.ledger import RequestLedger
 from inferlog.messages import (
@@ -42,11 +44,25 @@ from inferlog_worker.runner import GenerationDone, GenerationJob, ModelRunner
 log = logging.getLogger(__name__)
 
 
+WorkState = Literal["waiting", "admitted", "running", "publishing", "watching"]
+"""waiting: queued for KV room · admitted: in preflight or recording its attempt · running: in the engine ·
+publishing: its result is being handed on · watching: another worker's lease holds it."""
+
+
 @dataclass
 class _Work:
     record: TokenizedRecord
     positions: list[tuple[TopicPartition, int]] = field(default_factory=list)
     """Every fetched copy of this request (a re-delivery while it runs joins the running one)."""
+    state: WorkState = "waiting"
+    lease: str | None = None
+    """This attempt's lease value, once preflight has taken (or, Redis being down, meant to take) it."""
+    cancelled: bool = False
+    """A cancel arrived while it was admitted but not yet in the engine."""
+    lost: bool = False
+    """Another worker holds its lease now: this attempt publishes nothing."""
+    retries: int = 0
+    """Preflights that could not decide (a store unreachable) or attempts that broke before the engine."""
 
 
 @dataclass
@@ -69,7 +85,7 @@ class GpuWorker:
                  producer: AIOKafkaProducer, topics: Topics, admission: KvAdmission[_Work],
                  load: LoadReporter | None = None, load_interval_s: float = 1.0,
                  shutdown_grace_s: float = 30.0, side: SideChannels | None = None,
-                 watch_interval_s: float = 1.0) -> None:
+                 watch_interval_s: float = 1.0, recent_window_s: float = 300.0) -> None:
         self.worker_id = worker_id
         self._runner = runner
         self._consumer = consumer
@@ -80,8 +96,21 @@ class GpuWorker:
         self._load_interval_s = load_interval_s
         self._grace_s = shutdown_grace_s
         self._work: dict[str, _Work] = {}
-        """Requests fetched and not yet finished, by request_id (waiting or generating)."""
+        """Requests fetched and not yet finished, by request_id. Admitted work stays here until its task
+        ends, whatever happens to its partition, so a re-delivered copy joins it instead of running twice."""
+        self._held: dict[str, _Work] = {}
+        """Work holding a live lease (or, Redis being unreachable, meaning to take one), by request_id: all
+        renewed until the result is on the log."""
+        self._done_pending: dict[str, str] = {}
+        """Leases (request_id → value) whose result is on the log but which Redis could not yet mark done:
+        retried by the renewal loop, so a finished request's lease never silently lapses."""
+        self._recent: OrderedDict[str, float] = OrderedDict()
+        """Requests whose result this worker put on the log, and when: a copy re-delivered meanwhile is
+        skipped (the result is durable; the store may just not have recorded it yet)."""
+        self._recent_window_s = recent_window_s
         self._tasks: set[asyncio.Task[None]] = set()
+        self._generations: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()
         self._progress = asyncio.Event()
         self._side = side or SideChannels()
         self._watch_interval_s = watch_interval_s
@@ -101,9 +130,9 @@ class GpuWorker:
         await self._producer.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
-        background = [asyncio.create_task(c) for c in (
-            self._report_load_forever(), self._flush_deltas_forever(), self._renew_leases_forever(),
-            self._listen_for_cancels())]
+        renewing = asyncio.create_task(self._renew_leases_forever())
+        background = [renewing] + [asyncio.create_task(c) for c in (
+            self._report_load_forever(), self._flush_deltas_forever(), self._listen_for_cancels())]
         try:
             while not stop.is_set():
                 if self._admission.has_room():
@@ -117,7 +146,7 @@ class GpuWorker:
                     await self._wait_progress(0.05)
                 self._start_admitted()
                 await self._consumer.commit()
-            await self._drain()
+            await self._drain(renewing)
         finally:
             for task in background:
                 task.cancel()
@@ -125,19 +154,32 @@ class GpuWorker:
             if self._load is not None:
                 await self._load.remove(self.worker_id)
 
-    async def _drain(self) -> None:
-        """Stop admitting; let what runs finish within the grace period; commit what finished."""
+    async def _drain(self, renewing: asyncio.Task[None]) -> None:
+        """Stop admitting; let what runs finish within the grace period; commit what finished. Work cut
+        off past the grace period is stopped in the engine, its lease released and its offsets left
+        uncommitted for another worker."""
         self._consumer.pause_all()
-        running = list(self._tasks)
+        for watcher in list(self._watchers):  # another worker's work: nothing to wait for
+            watcher.cancel()
+        running = list(self._generations)
         if running:
             log.info("draining %d generations (grace %.0fs)", len(running), self._grace_s)
             _done, pending = await asyncio.wait(running, timeout=self._grace_s)
-            for task in pending:  # past the grace period: unpublished, uncommitted, for another worker
+            for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-                for request_id in self._runner.running_ids():
-                    await self._best_effort(self._side.leases.release(request_id) if self._side.leases else None)
+        renewing.cancel()
+        leases = self._side.leases
+        if leases is not None:
+            for request_id, work in list(self._held.items()):
+                # Only attempts of which nothing reached the results log; one cut off mid-publish keeps its
+                # lease until it expires (its result may still land: never mark done what may not be there).
+                if work.state in ("admitted", "running") and work.lease is not None:
+                    await self._best_effort(leases.release(request_id, work.lease))
+                self._held.pop(request_id, None)
+            for request_id, value in list(self._done_pending.items()):
+                await self._best_effort(leases.mark_done(request_id, value))
         await self._consumer.commit()
 
     async def _wait_progress(self, timeout: float) -> None:
@@ -169,10 +211,15 @@ class GpuWorker:
         if existing is not None:  # delivered again while this worker has it: finish both together
             existing.positions.append((tp, raw.offset))
             return
+        if self._finished_recently(record.request_id):  # its result is on the log already
+            self._consumer.finish(tp, raw.offset)
+            self._progress.set()
+            return
         work = _Work(record, [(tp, raw.offset)])
         refusal = self._refusal(record)
         if refusal is not None:
-            self._spawn(self._hand_on([(self._topics.results, record.request_id, refusal)], work.positions))
+            self._spawn(self._hand_on([(self._topics.results, record.request_id, refusal)], work.positions,
+                                      finished=record.request_id))
             return
         self._work[record.request_id] = work
         self._admission.offer(record.request_id, len(record.input_ids) + record.params.max_tokens,
@@ -207,23 +254,29 @@ class GpuWorker:
 
     def _start_admitted(self) -> None:
         for work in self._admission.admit_ready():
-            self._spawn(self._generate(work))
+            work.state = "admitted"  # from here on a revocation no longer drops it
+            self._spawn(self._generate(work), self._generations)
 
     async def _generate(self, work: _Work) -> None:
         record = work.record
         request_id = record.request_id
         try:
-            verdict = await self._preflight(record)
-        except BaseException:
+            verdict = await self._preflight(work)
+        except asyncio.CancelledError:
             self._admission.release(request_id)
+            self._drop(work)
             raise
+        except Exception as exc:  # noqa: BLE001 - unknown is not "absent": never run on a failed read
+            self._admission.release(request_id)
+            self._retry_later(work, exc)
+            return
         if verdict != "run":
             self._admission.release(request_id)
             if isinstance(verdict, ResultRecord):
-                await self._hand_on([(self._topics.results, request_id, verdict)], work.positions)
-                self._work.pop(request_id, None)
+                await self._hand_on([(self._topics.results, request_id, verdict)], [], finished=request_id)
+                self._finish(work)  # every copy joined while it published, too
             elif verdict == "watch":
-                self._spawn(self._watch(work))
+                self._watch_or_drop(work)
             else:
                 self._finish(work)
             return
@@ -232,70 +285,171 @@ class GpuWorker:
         attempt = EventRecord(request_id=request_id, status=Status.RUNNING, stage="gpu-worker",
                               worker_id=self.worker_id, timings=record.timings.merged(admitted_at=admitted_at))
         timer: asyncio.TimerHandle | None = None
+        done: GenerationDone | None = None
         try:
             # The attempt is on the log (acknowledged) before the model sees the request (contract 4).
             await self._publish([(self._topics.events, request_id, attempt)])
-            future = self._runner.submit(GenerationJob(
-                request_id=request_id, input_ids=record.input_ids, max_tokens=params.max_tokens,
-                temperature=params.temperature, top_p=params.top_p, stop=tuple(params.stop),
-                ignore_eos=params.ignore_eos), on_text=self._on_text if self._side.deltas else None)
-            if record.deadline_at is not None:
-                timer = asyncio.get_running_loop().call_later(
-                    max(0.0, record.deadline_at - now()), self._runner.cancel, request_id, "expired")
-            done = await future
+            if not (work.lost or work.cancelled):
+                future = self._runner.submit(GenerationJob(
+                    request_id=request_id, input_ids=record.input_ids, max_tokens=params.max_tokens,
+                    temperature=params.temperature, top_p=params.top_p, stop=tuple(params.stop),
+                    ignore_eos=params.ignore_eos), on_text=self._on_text if self._side.deltas else None)
+                work.state = "running"
+                if record.deadline_at is not None:
+                    timer = asyncio.get_running_loop().call_later(
+                        max(0.0, record.deadline_at - now()), self._runner.cancel, request_id, "expired")
+                try:
+                    done = await future
+                except asyncio.CancelledError:  # drained past the grace period: stop it in the engine too
+                    self._runner.cancel(request_id, "cancelled")
+                    raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - broke before any result: give the attempt up, retry
+            await self._abandon(work)
+            self._retry_later(work, exc)
+            return
         finally:
             self._admission.release(request_id)
             if timer is not None:
                 timer.cancel()
-        result = self._result(record, done, admitted_at)
-        await self._hand_on([(self._topics.results, request_id, result)], work.positions)
+        if work.lost:  # another worker holds the lease now: its attempt publishes; this one publishes nothing
+            log.warning("lease of %s lost mid-attempt: publishing nothing for it", request_id)
+            self._watch_or_drop(work)
+            return
+        result = self._result(record, done, admitted_at) if done is not None else self._cancelled(record)
+        work.state = "publishing"
+        await self._publish([(self._topics.results, request_id, result)])
+        value = work.lease
+        self._remember_finished(request_id)  # from here a re-delivered copy is skipped...
+        self._finish(work)  # ...and every copy joined so far (read after the publish) is finished
         self._deltas.append((request_id, {"end": result.status.value, "finish_reason": result.finish_reason or "",
                                           "completion_tokens": str(result.usage.completion_tokens)}))
-        self._work.pop(request_id, None)
-        # The lease is not released here: it expires on its own (no longer renewed). The result is on the
-        # log but may not be in the store yet, and a worker watching this request takes it over as soon as
-        # the lease is gone; the TTL gives the store time to record the result the watcher then finds.
+        await self._lease_done(request_id, value)
 
-    async def _preflight(self, record: TokenizedRecord) -> str | ResultRecord:
-        """``run``; ``done`` (a terminal result is stored: skip it); ``watch`` (another worker's live lease
-        holds it); or the terminal result to publish instead (cancelled before it ran)."""
+    async def _lease_done(self, request_id: str, value: str | None) -> None:
+        """The result is on the log: the lease says so until the store has recorded it, so no watcher takes
+        over finished work however far the store lags. If Redis cannot be told now, the renewal loop keeps
+        trying; should the live lease lapse first (a Redis outage longer than its TTL), a watcher may take
+        the request over before the store has it (Redis is AP: the first terminal result wins)."""
+        if value is None or self._side.leases is None:
+            return
+        try:
+            await self._side.leases.mark_done(request_id, value)
+        except (RedisError, OSError) as exc:
+            log.warning("lease of %s not yet marked done (%s): retrying", request_id, exc)
+            self._done_pending[request_id] = value
+
+    async def _abandon(self, work: _Work) -> None:
+        """Give up this attempt's lease: nothing of it reached the results log."""
+        request_id = work.record.request_id
+        if self._held.get(request_id) is work:
+            del self._held[request_id]
+        if work.lease is not None and self._side.leases is not None:
+            await self._best_effort(self._side.leases.release(request_id, work.lease))
+        work.lease = None
+
+    def _retry_later(self, work: _Work, reason: BaseException) -> None:
+        """Preflight could not decide (the terminal check or the lease store failed in an unknown way), or
+        the attempt broke before the engine took it: offer the work again after a backoff. It keeps its
+        offsets (uncommitted) meanwhile; a revocation drops it like any waiting work."""
+        request_id = work.record.request_id
+        if self._held.get(request_id) is work:
+            del self._held[request_id]
+        work.state, work.lease, work.lost = "waiting", None, False
+        work.retries += 1
+        delay = min(30.0, 0.5 * 2 ** min(work.retries, 6))
+        log.warning("%s not started (%r): offered again in %.1fs", request_id, reason, delay)
+        self._spawn(self._offer_later(work, delay))
+
+    async def _offer_later(self, work: _Work, delay: float) -> None:
+        await asyncio.sleep(delay)
+        request_id = work.record.request_id
+        if self._work.get(request_id) is work and work.state == "waiting":
+            self._admission.offer(request_id, len(work.record.input_ids) + work.record.params.max_tokens,
+                                  work.record.priority, work)
+            self._progress.set()
+
+    def _drop(self, work: _Work) -> None:
+        """Stop tracking this work (its task has ended)."""
+        request_id = work.record.request_id
+        if self._work.get(request_id) is work:
+            del self._work[request_id]
+        if self._held.get(request_id) is work:
+            del self._held[request_id]
+
+    def _watch_or_drop(self, work: _Work) -> None:
+        """Watch another worker's attempt while this worker still has copies of the record to commit."""
+        request_id = work.record.request_id
+        if self._held.get(request_id) is work:
+            del self._held[request_id]
+        work.lease, work.lost, work.cancelled = None, False, False
+        if work.positions and self._work.get(request_id) is work:
+            work.state = "watching"
+            self._spawn(self._watch(work), self._watchers)
+        else:
+            self._drop(work)
+
+    def _finished_recently(self, request_id: str) -> bool:
+        horizon = time.monotonic() - self._recent_window_s
+        while self._recent and next(iter(self._recent.values())) < horizon:
+            self._recent.popitem(last=False)
+        return request_id in self._recent
+
+    def _remember_finished(self, request_id: str) -> None:
+        self._recent[request_id] = time.monotonic()
+        self._recent.move_to_end(request_id)
+        while len(self._recent) > 100_000:
+            self._recent.popitem(last=False)
+
+    async def _preflight(self, work: _Work) -> str | ResultRecord:
+        """``run``; ``done`` (a terminal result is stored: skip it); ``watch`` (another attempt's lease,
+        live or done, holds it); or the terminal result to publish instead (cancelled before it ran)."""
+        record = work.record
         request_id = record.request_id
         side = self._side
-        if side.ledger is not None:
-            try:
-                if request_id in await side.ledger.terminal_statuses([request_id]):
-                    return "done"
-            except StoreUnavailable as exc:  # the lease still guards against a second live generation
-                log.warning("terminal check for %s skipped: %s", request_id, exc)
+        if side.ledger is not None and request_id in await side.ledger.terminal_statuses([request_id]):
+            return "done"  # (a StoreUnavailable is "unknown": the caller retries later, never runs on it)
         if side.cancels is not None and await self._best_effort(side.cancels.flagged([request_id])):
             return self._cancelled(record)
+        if work.cancelled:
+            return self._cancelled(record)
         if side.leases is not None:
+            value = side.leases.new_value()
             try:
-                if not await side.leases.acquire(request_id):
-                    log.info("watching %s: another worker's lease holds it", request_id)
+                if not await side.leases.acquire(request_id, value):
+                    log.info("watching %s: another attempt's lease holds it", request_id)
                     return "watch"
-            except (RedisError, OSError) as exc:  # Redis down: fall back to the terminal check above
+            except (RedisError, OSError) as exc:
+                # Redis down (AP): run on the terminal check alone; the renewal loop takes the lease as soon
+                # as Redis answers, and if another worker took it meanwhile this attempt is abandoned.
                 log.warning("lease for %s not taken (%s): running on the terminal check alone", request_id, exc)
+            work.lease = value
+            self._held[request_id] = work
         return "run"
 
     async def _watch(self, work: _Work) -> None:
-        """Another worker holds the lease: keep the offsets uncommitted until the request is terminal, or
-        take it over once the lease expires (its holder stopped renewing)."""
+        """Another attempt holds the lease: keep the offsets uncommitted until the request is terminal, or
+        take it over once the lease is free (its holder stopped renewing). A done lease (the result is on
+        the log, the store has not recorded it yet) is watched like a live one. A read error is never an
+        expiry: it only means "ask again"."""
         request_id = work.record.request_id
         side = self._side
-        while self._work.get(request_id) is work:
+        assert side.leases is not None
+        while self._work.get(request_id) is work and work.state == "watching":
             await asyncio.sleep(self._watch_interval_s)
-            if side.ledger is not None:
-                try:
-                    if request_id in await side.ledger.terminal_statuses([request_id]):
-                        self._finish(work)
-                        return
-                except StoreUnavailable:
-                    continue
-            holder = await self._best_effort(side.leases.holder_of(request_id) if side.leases else None)
-            if holder is None:
+            try:
+                if side.ledger is not None and request_id in await side.ledger.terminal_statuses([request_id]):
+                    self._finish(work)
+                    return
+                state, _holder = await side.leases.state_of(request_id)
+            except Exception as exc:  # noqa: BLE001 - unknown is not "expired": ask again next time
+                log.warning("watch of %s could not read (%r): still watching", request_id, exc)
+                continue
+            if state is LeaseState.FREE and self._work.get(request_id) is work:
                 log.info("taking over %s: its lease expired", request_id)
                 self.takeovers += 1
+                work.state = "waiting"
                 self._admission.offer(request_id, len(work.record.input_ids) + work.record.params.max_tokens,
                                       work.record.priority, work)
                 self._progress.set()
@@ -305,7 +459,7 @@ class GpuWorker:
         """Nothing to publish (already terminal): let the commit pass this request's offsets."""
         for tp, offset in work.positions:
             self._consumer.finish(tp, offset)
-        self._work.pop(work.record.request_id, None)
+        self._drop(work)
         self._progress.set()
 
     def _cancelled(self, record: TokenizedRecord) -> ResultRecord:
@@ -315,14 +469,18 @@ class GpuWorker:
                             timings=record.timings.merged(completed_at=at))
 
     def cancel(self, request_id: str) -> None:
-        """A cancel arrived: stop it if it runs here (its result says ``cancelled``), or drop it if it waits."""
+        """A cancel arrived: stop it if it runs here (its result says ``cancelled``), mark it if it is
+        admitted but not yet in the engine (it ends ``cancelled`` before it starts), or drop it if it waits."""
+        work = self._work.get(request_id)
+        if work is not None and work.state == "admitted":
+            work.cancelled = True
+            return
         if self._runner.cancel(request_id, "cancelled"):
             return
-        work = self._work.get(request_id)
         if work is not None and self._admission.discard_waiting(request_id):
+            self._drop(work)
             self._spawn(self._hand_on([(self._topics.results, request_id, self._cancelled(work.record))],
-                                      work.positions))
-            self._work.pop(request_id, None)
+                                      work.positions, finished=request_id))
 
     def _on_text(self, request_id: str, delta: str) -> None:
         self._deltas.append((request_id, {"d": delta}))
@@ -355,9 +513,13 @@ class GpuWorker:
                 message="The request's deadline passed while it was generating.", code="deadline_exceeded")})
         return result
 
-    async def _hand_on(self, outgoing: list[Outgoing], positions: list[tuple[TopicPartition, int]]) -> None:
-        """Publish, and once acknowledged mark the records finished so the commit can pass them."""
+    async def _hand_on(self, outgoing: list[Outgoing], positions: list[tuple[TopicPartition, int]],
+                       finished: str | None = None) -> None:
+        """Publish, and once acknowledged mark the records finished so the commit can pass them.
+        ``finished``: the request whose terminal result this is (a copy re-delivered later is skipped)."""
         await self._publish(outgoing)
+        if finished is not None:
+            self._remember_finished(finished)
         for tp, offset in positions:
             self._consumer.finish(tp, offset)
         self._progress.set()
@@ -374,26 +536,32 @@ class GpuWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, coro, group: set[asyncio.Task[None]] | None = None) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.create_task(coro)
         self._tasks.add(task)
+        if group is not None:
+            group.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._generations.discard(task)
+        self._watchers.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("worker task failed", exc_info=task.exception())
 
     def drop_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Partitions were revoked: work from them that is not generating here (waiting for KV room, or
-        watching another worker's lease) is no longer ours; the new owner re-reads it. Generations already
-        running finish and publish; their offsets are the new owner's to commit."""
-        running = set(self._runner.running_ids())
-        for request_id, work in list(self._work.items()):
+        """Partitions were revoked: work from them that has not started here (waiting for KV room, or
+        watching another worker's lease) is no longer ours; the new owner re-reads it. Admitted work (in
+        preflight, recording its attempt, generating, publishing) stays tracked until its task ends, so a
+        copy re-delivered here joins it; its offsets are the new owner's to commit."""
+        for work in list(self._work.values()):
             work.positions = [(tp, off) for tp, off in work.positions if tp not in revoked]
-            if not work.positions and request_id not in running:
-                self._admission.discard_waiting(request_id)
-                del self._work[request_id]  # a watcher sees this and stops
+            if work.positions or work.state not in ("waiting", "watching"):
+                continue
+            if work.state == "waiting":
+                self._admission.discard_waiting(work.record.request_id)
+            self._drop(work)  # a watcher sees this and stops
 
     # -- side channels -------------------------------------------------------------------------------------
 
@@ -410,14 +578,44 @@ class GpuWorker:
             await self._flush_deltas()
 
     async def _renew_leases_forever(self) -> None:
+        """Renew every held lease. A renewal error is not a loss: keep generating, and re-take the lease
+        when Redis answers. Only a lease another attempt holds is lost: that attempt is abandoned."""
         leases = self._side.leases
         if leases is None:
             return
         while True:
             await asyncio.sleep(leases.ttl_ms / 3000)
-            running = self._runner.running_ids()
-            if running:
-                await self._best_effort(leases.renew_many(running))
+            await self._mark_pending_done(leases)
+            held = {request_id: work.lease for request_id, work in self._held.items() if work.lease is not None}
+            try:
+                outcome = await leases.renew_many(held)
+            except (RedisError, OSError) as exc:
+                log.warning("leases not renewed (%s): still generating, will re-take them", exc)
+                continue
+            for request_id, verdict in outcome.items():
+                if verdict == Leases.RETAKEN:
+                    log.warning("lease of %s had lapsed and was re-taken", request_id)
+                elif verdict == Leases.LOST:
+                    self._lose(request_id, held[request_id])
+
+    async def _mark_pending_done(self, leases: Leases) -> None:
+        for request_id, value in list(self._done_pending.items()):
+            try:
+                await leases.mark_done(request_id, value)
+            except (RedisError, OSError):
+                return
+            self._done_pending.pop(request_id, None)
+
+    def _lose(self, request_id: str, value: str) -> None:
+        work = self._held.get(request_id)
+        if work is None or work.lease != value:
+            return
+        del self._held[request_id]
+        if work.state not in ("admitted", "running"):
+            return  # already publishing (the first terminal result wins) or gone
+        work.lost = True
+        if work.state == "running":
+            self._runner.cancel(request_id, "cancelled")
 
     async def _listen_for_cancels(self) -> None:
         """Cancel notifications for running work; on a Redis outage, reconnect with backoff (the flags

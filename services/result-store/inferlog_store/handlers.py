@@ -8,7 +8,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from inferlog.hot import StatusCache
+from inferlog.hot import Leases, StatusCache
 from inferlog.kafka import publish_all
 from inferlog.ledger import RequestLedger
 from inferlog.messages import DeadLetter, EventRecord, ResultRecord
@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 
 class StoreHandler:
     def __init__(self, sink: ResultSink, producer: AIOKafkaProducer, topics: Topics,
-                 ledger: RequestLedger | None = None, hot: StatusCache | None = None) -> None:
+                 ledger: RequestLedger | None = None, hot: StatusCache | None = None,
+                 leases: Leases | None = None) -> None:
         self._sink = sink
+        self._leases = leases
         self._producer = producer
         self._topics = topics
         self._ledger = ledger
@@ -50,6 +52,17 @@ class StoreHandler:
                 log.warning("dead-lettered %s@%s:%s: %s", d.topic, d.partition, d.offset, d.error)
         await self._sink.apply(events, results)
         await self._refresh_hot({e.request_id for e in events} | {r.request_id for r in results})
+        await self._forget_leases(sorted({r.request_id for r in results if r.status.is_terminal()}))
+
+    async def _forget_leases(self, request_ids: list[str]) -> None:
+        """A worker keeps a finished request's lease (marked done) until its result is recorded, so no
+        watcher takes it over meanwhile; recorded now, the lease can go. Best effort: it has a TTL."""
+        if self._leases is None or not request_ids:
+            return
+        try:
+            await self._leases.forget_recorded(request_ids)
+        except (RedisError, OSError) as exc:
+            log.warning("leases of %d recorded requests left to expire: %s", len(request_ids), exc)
 
     async def _refresh_hot(self, request_ids: set[str]) -> None:
         """Copy the stored views to Redis and announce terminal ones. Redis is best effort (AP): a failure

@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from inferlog.consume import run_in_order
 from inferlog.db import connect_pool
-from inferlog.hot import Keys, StatusCache
+from inferlog.hot import Keys, Leases, StatusCache
 from inferlog.kafka import make_consumer, make_producer
 from inferlog.ledger import RequestLedger
 from inferlog.runtime import stop_on_signals
@@ -30,8 +30,10 @@ async def serve(settings: StoreSettings) -> None:
     await consumer.start()
     stop = stop_on_signals()
     redis = Redis.from_url(common.redis_url, socket_timeout=2, socket_connect_timeout=2)
-    hot = StatusCache(redis, Keys(common.redis_prefix))
-    handler = StoreHandler(ResultSink(pool), producer, topics, RequestLedger(pool), hot)
+    keys = Keys(common.redis_prefix)
+    hot = StatusCache(redis, keys)
+    leases = Leases(redis, keys, holder="result-store", ttl_ms=1)  # only ever forgets recorded leases
+    handler = StoreHandler(ResultSink(pool), producer, topics, RequestLedger(pool), hot, leases)
     try:
         await run_in_order(consumer, handler, stop, max_records=settings.max_batch)
     finally:
