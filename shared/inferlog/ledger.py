@@ -1,7 +1,9 @@
-"""The request ledger in Postgres: claiming request IDs, and reading a job's status and result.
+"""The request ledger in Postgres: claiming jobs, and reading a job's status and result.
 
-A claim is ``INSERT … ON CONFLICT DO NOTHING`` with the full payload and its hash, so the ledger alone
-decides whether an ID is new, the same job again, or a conflicting reuse.
+Rows are keyed by the job key (``inferlog.identity.job_key``: tenant and client ID), never by the client's
+ID alone. A claim is ``INSERT … ON CONFLICT`` with the full payload and two hashes: ``payload_hash`` of
+the record as published (defaults filled in) and, for gateway submits, ``request_hash`` of what the client
+sent. The same job again is a claim whose either hash matches; a conflicting reuse matches neither.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncpg
 
 from inferlog.db import TRANSIENT_ERRORS, GuardedPool
 from inferlog.errors import IdempotencyConflict, StoreUnavailable
+from inferlog.identity import client_id_of, job_key
 from inferlog.messages import RequestRecord, Status, now
 
 _TRANSIENT = TRANSIENT_ERRORS
@@ -41,9 +44,23 @@ def payload_hash(record: RequestRecord) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def request_hash(sent: dict[str, Any], tenant: str | None) -> str:
+    """Hash of what a client sent (its JSON body without the ID, and its tenant): unlike ``payload_hash``
+    it does not change when the gateway's defaults (``max_tokens``, model) do."""
+    body = {k: v for k, v in sent.items() if k != "request_id"}
+    canonical = json.dumps({"body": body, "tenant": tenant}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def key_of(record: RequestRecord) -> str:
+    """The job key of a request record (its tenant and the client's ID)."""
+    return job_key(record.tenant, record.request_id)
+
+
 @dataclass(frozen=True)
 class Claim:
     request_id: str
+    """The job key."""
     created: bool
     """False when the ID was already claimed with the same payload (an idempotent replay)."""
     status: Status
@@ -66,6 +83,11 @@ class JobView:
     timings: dict[str, float]
     tenant: str | None
 
+    @property
+    def client_id(self) -> str:
+        """The ID the client gave (``request_id`` is the job key)."""
+        return client_id_of(self.request_id)
+
     def to_hot(self) -> dict[str, Any]:
         """The form kept in Redis (inferlog.hot.StatusCache)."""
         return {**dataclasses.asdict(self), "status": self.status.value, "terminal": self.status.is_terminal()}
@@ -83,20 +105,26 @@ class RequestLedger:
     def __init__(self, pool: asyncpg.Pool | GuardedPool) -> None:
         self._pool = pool
 
-    async def claim(self, record: RequestRecord) -> Claim:
-        """Claim ``record.request_id``. Same ID and payload: the existing job; another payload: 422."""
-        [outcome] = await self.claim_many([record])
+    async def claim(self, record: RequestRecord, sent_hash: str | None = None) -> Claim:
+        """Claim the record's job. Same job again: the existing one; another payload: 422.
+        ``sent_hash``: ``request_hash`` of what the client sent (gateway submits)."""
+        [outcome] = await self.claim_many([record], [sent_hash])
         if isinstance(outcome, IdempotencyConflict):
             raise outcome
         return outcome
 
-    async def claim_many(self, records: list[RequestRecord]) -> list[Claim | IdempotencyConflict]:
-        """Claim each record's ID in one round trip; per record, its Claim or the conflict it hit.
+    async def claim_many(self, records: list[RequestRecord], sent_hashes: list[str | None] | None = None
+                         ) -> list[Claim | IdempotencyConflict]:
+        """Claim each record's job in one round trip; per record, its Claim or the conflict it hit.
 
-        A row the result-store created on first sight of an unclaimed ID (no payload yet) is claimed too.
+        A row the result-store created on first sight of an unclaimed job (no payload yet) is claimed too,
+        unless it is already terminal (a broken record's ``failed`` result holds that key): then the key is
+        taken, and claiming it is a conflict.
         """
         digests = [payload_hash(r) for r in records]
-        firsts = list({r.request_id: r for r in reversed(records)}.values())  # one row per ID per statement
+        sent = sent_hashes or [None] * len(records)
+        keys = [key_of(r) for r in records]
+        firsts = list({k: (k, r, h) for k, r, h in reversed(list(zip(keys, records, sent, strict=True)))}.values())
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 created = {
@@ -104,52 +132,69 @@ class RequestLedger:
                     for row in await conn.fetch(
                         """
                         INSERT INTO requests (request_id, payload, payload_hash, tenant, model, priority,
-                                              status, status_rank, deadline_at, timings)
+                                              status, status_rank, deadline_at, timings, request_hash)
                         SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[], $5::text[],
-                                             $6::text[], $7::text[], $8::smallint[], $9::float8[], $10::jsonb[])
+                                             $6::text[], $7::text[], $8::smallint[], $9::float8[], $10::jsonb[],
+                                             $11::text[])
                         ON CONFLICT (request_id) DO UPDATE
                             SET payload = EXCLUDED.payload, payload_hash = EXCLUDED.payload_hash,
                                 tenant = EXCLUDED.tenant, model = EXCLUDED.model, priority = EXCLUDED.priority,
-                                deadline_at = EXCLUDED.deadline_at
-                            WHERE requests.payload_hash IS NULL
+                                deadline_at = EXCLUDED.deadline_at, request_hash = EXCLUDED.request_hash
+                            WHERE requests.payload_hash IS NULL AND requests.status_rank < 100
                         RETURNING request_id
                         """,
-                        [r.request_id for r in firsts],
-                        [r.model_dump_json(exclude_none=True) for r in firsts],
-                        [payload_hash(r) for r in firsts],
-                        [r.tenant for r in firsts],
-                        [r.model for r in firsts],
-                        [r.priority.value for r in firsts],
+                        [k for k, _r, _h in firsts],
+                        [r.model_dump_json(exclude_none=True) for _k, r, _h in firsts],
+                        [payload_hash(r) for _k, r, _h in firsts],
+                        [r.tenant for _k, r, _h in firsts],
+                        [r.model for _k, r, _h in firsts],
+                        [r.priority.value for _k, r, _h in firsts],
                         [Status.RECEIVED.value] * len(firsts),
                         [Status.RECEIVED.rank] * len(firsts),
-                        [r.deadline_at for r in firsts],
-                        [r.timings.model_dump_json(exclude_none=True) for r in firsts],
+                        [r.deadline_at for _k, r, _h in firsts],
+                        [r.timings.model_dump_json(exclude_none=True) for _k, r, _h in firsts],
+                        [h for _k, _r, h in firsts],
                     )
                 }
                 existing = {
                     row["request_id"]: row
                     for row in await conn.fetch(
-                        "SELECT request_id, payload_hash, status, cancel_requested_at FROM requests "
-                        "WHERE request_id = ANY($1::text[])",
-                        [r.request_id for r in records],
-                    )
+                        "SELECT request_id, payload_hash, request_hash, status, cancel_requested_at "
+                        "FROM requests WHERE request_id = ANY($1::text[])", keys)
                 }
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
-        outcomes: list[Claim | IdempotencyConflict] = []
-        for record, digest in zip(records, digests, strict=True):
-            row = existing[record.request_id]
-            if record.request_id not in created and row["payload_hash"] != digest:
-                outcomes.append(IdempotencyConflict(
-                    f"request_id {record.request_id!r} was already used with a different payload; "
-                    "use a new request_id (or Idempotency-Key) for a different job",
-                    param="request_id",
-                ))
-                continue
-            outcomes.append(Claim(record.request_id, created=record.request_id in created,
-                                  status=Status(row["status"]),
-                                  cancel_requested=row["cancel_requested_at"] is not None))
-        return outcomes
+        return [self._outcome(record, key, digest, sent_hash, existing[key], created=key in created)
+                for record, key, digest, sent_hash in zip(records, keys, digests, sent, strict=True)]
+
+    @staticmethod
+    def _outcome(record: RequestRecord, key: str, digest: str, sent_hash: str | None, row: Any, *,
+                 created: bool) -> Claim | IdempotencyConflict:
+        same = created or row["payload_hash"] == digest or (
+            sent_hash is not None and row["request_hash"] == sent_hash)
+        if not same:
+            return IdempotencyConflict(
+                f"request_id {record.request_id!r} was already used with a different payload; "
+                "use a new request_id (or Idempotency-Key) for a different job", param="request_id")
+        return Claim(key, created=created, status=Status(row["status"]),
+                     cancel_requested=row["cancel_requested_at"] is not None)
+
+    async def existing_claim(self, record: RequestRecord, sent_hash: str | None) -> Claim | None:
+        """The job this record names, if it is already claimed (a read: nothing is claimed). Raises
+        IdempotencyConflict if the job exists with another payload, StoreUnavailable if unreadable."""
+        key = key_of(record)
+        try:
+            row = await self._pool.fetchrow(
+                "SELECT payload_hash, request_hash, status, cancel_requested_at FROM requests "
+                "WHERE request_id = $1 AND payload_hash IS NOT NULL", key)
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
+        if row is None:
+            return None
+        outcome = self._outcome(record, key, payload_hash(record), sent_hash, row, created=False)
+        if isinstance(outcome, IdempotencyConflict):
+            raise outcome
+        return outcome
 
     async def mark_published(self, request_id: str, queued_at: float) -> None:
         """The broker acknowledged the record: the job is queued."""
@@ -183,7 +228,7 @@ class RequestLedger:
                 records = [RequestRecord.model_validate_json(row["payload"]) for row in rows]
                 records = [r.model_copy(update={"timings": r.timings.merged(queued_at=queued_at)}) for r in records]
                 await publish(records)
-                await conn.execute(_MARK_QUEUED, [r.request_id for r in records], Status.QUEUED.rank,
+                await conn.execute(_MARK_QUEUED, [row["request_id"] for row in rows], Status.QUEUED.rank,
                                    Status.QUEUED.value, queued_at)
                 return len(records)
         except _TRANSIENT as exc:

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from inferlog.identity import MAX_JOB_KEY_LEN
+
 SCHEMA_VERSION: Literal[1] = 1
 MAX_REQUEST_ID_LEN = 128
 
@@ -81,6 +83,13 @@ class Timings(_Record):
         return self.model_copy(update={k: v for k, v in stamps.items() if v is not None})
 
 
+SEED_REFUSAL = ("seed is honoured only with temperature 0 (where it changes nothing): the continuous-batching "
+                "engine samples every request of a batch from one generator, so a per-request seed cannot make "
+                "sampled output reproducible. Omit seed, or use temperature 0.")
+"""The one seed policy (docs/decisions.md): the gateway answers it as a 400 (``param: seed``), the tokenizer
+as a dead letter and a ``failed`` result for a direct record."""
+
+
 class GenerationParams(_Record):
     """How to generate. Ranges are checked by the gateway and again by the tokenizer (direct producers)."""
 
@@ -90,12 +99,15 @@ class GenerationParams(_Record):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: list[str] = Field(default_factory=list, max_length=4)
     seed: int | None = None
+    """Accepted only with temperature 0 (see SEED_REFUSAL)."""
     ignore_eos: bool = False
     """Generate exactly ``max_tokens`` tokens (benchmarks and fault tests), as vLLM's ``ignore_eos``."""
 
 
 class RequestRecord(_Record):
-    """``<prefix>.requests.v1``, key ``request_id``: a job as submitted (by the gateway or a direct producer)."""
+    """``<prefix>.requests.v1``, key: the job key: a job as submitted (by the gateway or a direct producer).
+
+    ``request_id`` is the client's own ID, unique within its ``tenant`` (absent: the default tenant)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     request_id: str = Field(min_length=1, max_length=MAX_REQUEST_ID_LEN)
@@ -105,17 +117,21 @@ class RequestRecord(_Record):
     params: GenerationParams
     priority: Priority = Priority.INTERACTIVE
     session_id: str | None = None
-    tenant: str | None = None
+    tenant: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+    """The job's tenant (absent: the default tenant); ``request_id`` is unique within it."""
     deadline_at: float | None = None
     """Absolute deadline (Unix seconds); past it any stage ends the request ``expired``."""
     timings: Timings = Field(default_factory=Timings)
 
 
 class TokenizedRecord(_Record):
-    """``<prefix>.tokenized.{interactive,batch}.v1``, key ``request_id``: ready for a worker."""
+    """``<prefix>.tokenized.{interactive,batch}.v1``, key ``request_id``: ready for a worker.
+
+    From here on (tokenized, events, results, dead letters) ``request_id`` is the job key
+    (``inferlog.identity.job_key``): the client's ID for the default tenant, ``<tenant>/<id>`` otherwise."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(min_length=1, max_length=MAX_REQUEST_ID_LEN)
+    request_id: str = Field(min_length=1, max_length=MAX_JOB_KEY_LEN + 1)
     model: str
     input_ids: list[int] = Field(repr=False, min_length=1)
     params: GenerationParams

@@ -132,8 +132,27 @@ BAD_INPUTS: list[tuple[str, bytes | dict[str, Any], dict[str, str], int, str | N
     ("request_id bad chars", {"messages": CHAT, "request_id": "a/b"}, {}, 400, "request_id"),
     ("unknown field", {"messages": CHAT, "max_token": 5}, {}, 400, "max_token"),
     ("bad priority", {"messages": CHAT, "priority": "urgent"}, {}, 400, "priority"),
-    ("seed not supported", {"messages": CHAT, "seed": 7}, {}, 400, "seed"),
+    ("seed while sampling", {"messages": CHAT, "seed": 7, "temperature": 0.7}, {}, 400, "seed"),
+    ("NUL in the prompt", {"prompt": "a\u0000b"}, {}, 400, None),
+    ("NUL in a message", {"messages": [{"role": "user", "content": "\u0000"}]}, {}, 400, None),
+    ("integer too long to convert", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", JSON, 400, None),
 ]
+
+
+@pytest.mark.parametrize("path", ["/v1/requests/a%00b", "/v1/requests/%01", "/v1/requests/" + "r" * 300,
+                                  "/v1/requests/a%00b/stream"])
+async def test_an_id_no_client_could_have_is_404(client: httpx.AsyncClient, path: str) -> None:
+    for response in (await client.get(path), await client.delete(path.removesuffix("/stream"))):
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("created", ["nan", "inf", "1e300", "-5"])
+async def test_a_forged_cursor_is_400(client: httpx.AsyncClient, created: str) -> None:
+    import base64
+    cursor = base64.urlsafe_b64encode(f"{created}|x".encode()).decode()
+    response = await client.get("/v1/requests", params={"cursor": cursor})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "cursor", response.text
 
 
 @pytest.mark.parametrize(("case", "body", "headers", "status", "param"), BAD_INPUTS,

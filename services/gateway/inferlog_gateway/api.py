@@ -42,14 +42,6 @@ class SubmitBody(BaseModel):
             raise ValueError("each stop sequence must be 1 to 256 characters")
         return value
 
-    @field_validator("seed")
-    @classmethod
-    def _no_per_request_seed(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError("per-request seeds are not supported yet: the continuous-batching engine seeds "
-                             "each worker, not each request; omit seed (temperature 0 is deterministic)")
-        return value
-
     @model_validator(mode="after")
     def _one_input(self) -> SubmitBody:
         if (self.messages is None) == (self.prompt is None):

@@ -6,18 +6,30 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from inferlog.errors import InvalidRequest
-from inferlog.messages import GenerationParams, RequestRecord, Timings, now
+from inferlog.ledger import request_hash
+from inferlog.messages import SEED_REFUSAL, GenerationParams, RequestRecord, Timings, now
 from inferlog.models import ModelRegistry, RegisteredModel
 from inferlog.prompting import PromptFormatter
 from inferlog_gateway.api import REQUEST_ID_PATTERN, SubmitBody
 from inferlog_gateway.settings import GatewaySettings
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+@dataclass(frozen=True)
+class Submission:
+    record: RequestRecord
+    prompt_tokens: int
+    sent_hash: str
+    """``request_hash`` of what the client sent: the idempotency check's notion of "the same request"."""
+    keyed: bool
+    """The client named the job (``request_id`` or ``Idempotency-Key``), so a retry can find it."""
 
 
 def parse_json(raw: bytes) -> Any:
@@ -33,6 +45,11 @@ def parse_json(raw: bytes) -> Any:
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"The body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.",
                              code="invalid_json") from exc
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise InvalidRequest(f"The body is not usable JSON: {exc}.", code="invalid_json") from exc
+    if _has_nul(value):
+        raise InvalidRequest("The body contains a NUL character (\\u0000), which no text field can hold.",
+                             code="invalid_encoding")
     try:  # JSON escapes can smuggle in lone surrogates, which no UTF-8 record can carry
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -41,6 +58,16 @@ def parse_json(raw: bytes) -> Any:
     if not isinstance(value, dict):
         raise InvalidRequest("The body must be a JSON object.", code="invalid_json")
     return value
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 class Intake:
@@ -63,9 +90,11 @@ class Intake:
         return self._formatters[model.name], self._context[model.name]
 
     def build(self, payload: dict[str, Any], idempotency_key: str | None,
-              tenant: str | None = None) -> tuple[RequestRecord, int]:
-        """The record to claim and produce, and its prompt's token count. Raises InvalidRequest (4xx)."""
+              tenant: str | None = None) -> Submission:
+        """The record to claim and produce, and what else the submit needs. Raises InvalidRequest (4xx)."""
         body = SubmitBody.model_validate(payload)
+        if body.seed is not None and body.temperature > 0:
+            raise InvalidRequest(SEED_REFUSAL, param="seed", code="seed_not_supported")  # the one seed policy
         request_id = body.request_id or idempotency_key or uuid.uuid4().hex
         if not _REQUEST_ID.match(request_id) or len(request_id) > 128:
             raise InvalidRequest("Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : ~ -",
@@ -112,4 +141,6 @@ class Intake:
             deadline_at=received_at + body.deadline_s if body.deadline_s else None,
             timings=Timings(received_at=received_at),
         )
-        return record, prompt_tokens
+        sent = body.model_dump(mode="json", exclude_unset=True)  # as sent, normalised (0 and 0.0 alike)
+        return Submission(record, prompt_tokens, request_hash(sent, tenant),
+                          keyed=bool(body.request_id or idempotency_key))

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
-from inferlog.ledger import JobView, RequestLedger
-from inferlog.messages import Status
-from inferlog_gateway.admission import Admission
+from inferlog.identity import job_key
+from inferlog.ledger import Claim, JobView, RequestLedger
+from inferlog.messages import MAX_REQUEST_ID_LEN, Status
+from inferlog_gateway.admission import Admission, Overloaded
 from inferlog_gateway.api import Accepted, JobResult, JobStatus
 from inferlog_gateway.intake import Intake, parse_json
 from inferlog_gateway.jobs import JobReader
@@ -71,13 +72,23 @@ async def submit(request: Request, idempotency_key: str | None = Header(default=
     state = _state(request)
     tenant = state.keys.tenant_of(request)
     raw = await read_body(request, state.max_body_bytes)
-    record, _prompt_tokens = state.intake.build(parse_json(raw), idempotency_key, tenant)
-    await state.admission.admit(tenant, record.priority)
-    claim = await state.submitter.submit(record)
-    if claim.created:
-        state.admission.accepted(tenant)
-    status_url = str(request.url_for("get_request", request_id=claim.request_id))
-    body = Accepted(id=claim.request_id, status=claim.status.value, status_url=status_url)
+    submission = state.intake.build(parse_json(raw), idempotency_key, tenant)
+    record = submission.record
+    claim: Claim | None
+    try:
+        await state.admission.admit(tenant, record.priority)
+    except Overloaded:
+        # A keyed retry of a job already accepted is answered, not refused: only new work is shed. (The
+        # lookup is paid only on refusal; an admitted submit's claim does the same check in its INSERT.)
+        claim = await state.ledger.existing_claim(record, submission.sent_hash) if submission.keyed else None
+        if claim is None:
+            raise
+    else:
+        claim = await state.submitter.submit(record, submission.sent_hash)
+        if claim.created:
+            state.admission.accepted(tenant)
+    status_url = str(request.url_for("get_request", request_id=record.request_id))
+    body = Accepted(id=record.request_id, status=claim.status.value, status_url=status_url)
     headers = {"Location": status_url}
     if not claim.created:
         headers["Idempotent-Replayed"] = "true"
@@ -92,7 +103,7 @@ async def get_request(request_id: str, request: Request,
     state = _state(request)
     tenant = state.keys.tenant_of(request)
     await _owned(state, request_id, tenant)
-    job = await state.jobs.wait(request_id, wait)
+    job = await state.jobs.wait(job_key(tenant, request_id), wait)
     return job_status(_mine(job, request_id, tenant))
 
 
@@ -101,8 +112,9 @@ async def cancel_request(request_id: str, request: Request) -> JSONResponse:
     """Cancel a job: a queued one never reaches the model, a running one stops within a decode step.
     202 while the cancel travels; 200 with the job as it is if it had already ended."""
     state = _state(request)
-    await _owned(state, request_id, state.keys.tenant_of(request))
-    job = await state.jobs.cancel(request_id)
+    tenant = state.keys.tenant_of(request)
+    await _owned(state, request_id, tenant)
+    job = await state.jobs.cancel(job_key(tenant, request_id))
     if job is None:
         raise _unknown(request_id)
     status = 200 if job.status.is_terminal() else 202
@@ -115,7 +127,7 @@ async def stream_request(request_id: str, request: Request) -> StreamingResponse
     state = _state(request)
     jobs = state.jobs
     job = await _owned(state, request_id, state.keys.tenant_of(request))
-    return StreamingResponse(jobs.stream(request_id, job), media_type="text/event-stream",
+    return StreamingResponse(jobs.stream(job.request_id, job), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -147,17 +159,24 @@ def _encode_cursor(created: float, request_id: str) -> str:
 def _decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         created, _, request_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        return float(created), request_id
+        at = float(created)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest("cursor is not one this API returned", param="cursor") from exc
+    if not 0 <= at < 1e11:  # finite and a time Postgres can hold
+        raise InvalidRequest("cursor is not one this API returned", param="cursor")
+    return at, request_id
 
 
 async def _owned(state: GatewayState, request_id: str, tenant: str | None) -> JobView:
-    """The job, if the caller may see it: another tenant's job is 404, exactly like a missing one."""
-    return _mine(await state.jobs.get(request_id), request_id, tenant)
+    """The caller's job ``request_id`` (looked up by its job key, so another tenant's ``request_id`` is
+    another job, never reached from here); a missing one is 404, and so is an ID no client could have."""
+    if not 0 < len(request_id) <= MAX_REQUEST_ID_LEN or any(ord(c) < 32 or c == "\x7f" for c in request_id):
+        raise _unknown(request_id[:MAX_REQUEST_ID_LEN].encode("unicode_escape").decode())
+    return _mine(await state.jobs.get(job_key(tenant, request_id)), request_id, tenant)
 
 
 def _mine(job: JobView | None, request_id: str, tenant: str | None) -> JobView:
+    """Defence in depth: the key already names the tenant; a row of another tenant is still 404."""
     if job is None or job.tenant != tenant:
         raise _unknown(request_id)
     return job
@@ -175,7 +194,7 @@ def job_status(job: JobView) -> JobStatus:
             finish_reason=job.finish_reason,
             usage={"prompt_tokens": job.prompt_tokens or 0, "completion_tokens": job.completion_tokens or 0},
         )
-    return JobStatus(id=job.request_id, status=job.status.value, model=job.model, model_version=job.model_version,
+    return JobStatus(id=job.client_id, status=job.status.value, model=job.model, model_version=job.model_version,
                      result=result, error=job.error, timings=job.timings)
 
 

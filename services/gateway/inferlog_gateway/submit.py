@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaError
 
 from inferlog.errors import StoreUnavailable
 from inferlog.kafka import publish_all
-from inferlog.ledger import Claim, RequestLedger
+from inferlog.ledger import Claim, RequestLedger, key_of
 from inferlog.messages import RequestRecord, Status, now
 from inferlog.topics import Topics
 
@@ -30,8 +30,9 @@ class Submitter:
         self._topics = topics
         self._timeout_s = timeout_s
 
-    async def submit(self, record: RequestRecord) -> Claim:
-        claim = await self._ledger.claim(record)
+    async def submit(self, record: RequestRecord, sent_hash: str | None = None) -> Claim:
+        """Claim the job (``sent_hash``: what the client sent, hashed), then publish it if it is new."""
+        claim = await self._ledger.claim(record, sent_hash)
         if not claim.created:
             return claim  # the same job again: nothing new to produce or generate
         queued_at = now()
@@ -42,11 +43,12 @@ class Submitter:
             log.warning("produce of %s failed (%r): accepted; the outbox relay will publish it",
                         record.request_id, exc)
             return claim
-        await self._ledger.mark_published(record.request_id, queued_at)
-        return Claim(record.request_id, created=True, status=Status.QUEUED)
+        await self._ledger.mark_published(claim.request_id, queued_at)
+        return Claim(claim.request_id, created=True, status=Status.QUEUED)
 
     async def publish(self, records: list[RequestRecord]) -> None:
-        await publish_all(self._producer, [(self._topics.requests, r.request_id, r) for r in records])
+        """Each record under its job key (the records themselves carry the client's ID and tenant)."""
+        await publish_all(self._producer, [(self._topics.requests, key_of(r), r) for r in records])
 
 
 class OutboxRelay:

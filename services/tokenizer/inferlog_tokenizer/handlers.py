@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from inferlog.errors import IdempotencyConflict
 from inferlog.kafka import Outgoing, publish_all
-from inferlog.ledger import RequestLedger
+from inferlog.ledger import RequestLedger, key_of
 from inferlog.messages import DeadLetter, EventRecord, RequestRecord, ResultRecord, Status, now
 from inferlog.topics import Topics
 from inferlog_tokenizer.prep import Prepared, RawRecord, RequestPreparer
@@ -59,21 +59,22 @@ class TokenizeHandler:
         ours: list[tuple[RawRecord, RequestRecord]] = []
         seen: set[str] = set()
         for (raw, record), outcome in zip(parsed, outcomes, strict=True):
+            key = key_of(record)
             if isinstance(outcome, IdempotencyConflict):
                 prepared.dead.append(DeadLetter(
                     stage="tokenizer", error=f"conflict: {outcome.message}", topic=raw.topic,
-                    partition=raw.partition, offset=raw.offset, request_id=record.request_id,
+                    partition=raw.partition, offset=raw.offset, request_id=key,
                     value=(raw.value or b"").decode("utf-8", "replace")))
-            elif record.request_id in seen:
+            elif key in seen:
                 continue  # the same job twice in one batch: once is enough
             elif outcome.cancel_requested:
-                seen.add(record.request_id)
+                seen.add(key)
                 prepared.results.append(ResultRecord(
-                    request_id=record.request_id, status=Status.CANCELLED, model=record.model,
+                    request_id=key, status=Status.CANCELLED, model=record.model,
                     tenant=record.tenant, finish_reason="cancelled", text="",
                     timings=record.timings.merged(completed_at=now())))
             else:
-                seen.add(record.request_id)
+                seen.add(key)
                 ours.append((raw, record))
         return ours
 

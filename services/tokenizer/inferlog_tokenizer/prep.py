@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from inferlog.errors import InvalidRequest
+from inferlog.identity import MAX_JOB_KEY_LEN, job_key
+from inferlog.ledger import key_of
 from inferlog.messages import (
+    SEED_REFUSAL,
     DeadLetter,
     ErrorInfo,
     RequestRecord,
@@ -80,7 +83,7 @@ class RequestPreparer:
                 self._check_params(record)
             except InvalidRequest as exc:
                 out.results.append(_failed(record, exc, at))
-                out.dead.append(_dead(raw, str(exc), record.request_id))
+                out.dead.append(_dead(raw, str(exc), key_of(record)))
                 continue
             valid.append(record)
         by_model: dict[str, list[RequestRecord]] = defaultdict(list)
@@ -99,7 +102,7 @@ class RequestPreparer:
             request_id = _request_id_of(raw)
             reason = _describe(exc)
             out.dead.append(_dead(raw, reason, request_id))
-            if request_id is not None:
+            if request_id is not None:  # (a job key: the caller publishes it only if it is nobody's job)
                 out.results.append(ResultRecord(
                     request_id=request_id, status=Status.FAILED,
                     error=ErrorInfo(message=f"The request record is invalid: {reason}", code="invalid_record"),
@@ -116,17 +119,19 @@ class RequestPreparer:
         if record.params.max_tokens > self._max_max_tokens:
             raise InvalidRequest(f"max_tokens is {record.params.max_tokens}; the most allowed is "
                                  f"{self._max_max_tokens}", param="max_tokens")
+        if record.params.seed is not None and record.params.temperature > 0:
+            raise InvalidRequest(SEED_REFUSAL, param="seed", code="seed_not_supported")
 
     def _tokenize(self, model_name: str, records: list[RequestRecord], out: Prepared, at: float) -> None:
         formatter, context = self._formatter(model_name)
         chats = [r for r in records if r.messages is not None]
         prompts = [r for r in records if r.messages is None]
-        encoded = dict(zip((r.request_id for r in chats),
+        encoded = dict(zip((key_of(r) for r in chats),
                            formatter.encode_chats([r.messages or [] for r in chats]), strict=True))
-        encoded.update(zip((r.request_id for r in prompts),
+        encoded.update(zip((key_of(r) for r in prompts),
                            formatter.encode_prompts([r.prompt or "" for r in prompts]), strict=True))
         for record in records:
-            ids = encoded[record.request_id]
+            ids = encoded[key_of(record)]
             if len(ids) + record.params.max_tokens > context:
                 param = "messages" if record.messages is not None else "prompt"
                 out.results.append(_failed(record, InvalidRequest(
@@ -134,24 +139,27 @@ class RequestPreparer:
                     f"model's context of {context} tokens.", param=param, code="context_length_exceeded"), at))
                 continue
             out.tokenized.append(TokenizedRecord(
-                request_id=record.request_id, model=record.model, input_ids=ids, params=record.params,
+                request_id=key_of(record), model=record.model, input_ids=ids, params=record.params,
                 priority=record.priority, session_id=record.session_id, tenant=record.tenant,
                 deadline_at=record.deadline_at, timings=record.timings.merged(tokenized_at=at),
             ))
 
 
 def _request_id_of(raw: RawRecord) -> str | None:
-    """The request ID of a broken record, from its body if readable, else its key."""
+    """The job key of a broken record: from its body's ID and tenant if readable, else its record key."""
     try:
         value = json.loads(raw.value or b"")
         candidate = value.get("request_id") if isinstance(value, dict) else None
+        tenant = value.get("tenant") if isinstance(value, dict) else None
+        if tenant is not None and not isinstance(tenant, str):
+            return None  # no tenant can be named: no key is this record's to fail
         if isinstance(candidate, str) and 0 < len(candidate) <= 128:
-            return candidate
+            return job_key(tenant, candidate)
     except (ValueError, UnicodeDecodeError):
         pass
     if raw.key:
         key = raw.key.decode("utf-8", "replace")
-        return key if len(key) <= 128 else None
+        return key if len(key) <= MAX_JOB_KEY_LEN + 1 else None
     return None
 
 
@@ -165,7 +173,7 @@ def _describe(exc: Exception) -> str:
 
 def _terminal(record: RequestRecord, status: Status, message: str, *, code: str, at: float) -> ResultRecord:
     return ResultRecord(
-        request_id=record.request_id, status=status, model=record.model, tenant=record.tenant,
+        request_id=key_of(record), status=status, model=record.model, tenant=record.tenant,
         error=ErrorInfo(message=message, code=code, type="invalid_request_error"),
         timings=record.timings.merged(completed_at=at),
     )
@@ -173,7 +181,7 @@ def _terminal(record: RequestRecord, status: Status, message: str, *, code: str,
 
 def _failed(record: RequestRecord, exc: InvalidRequest, at: float) -> ResultRecord:
     return ResultRecord(
-        request_id=record.request_id, status=Status.FAILED, model=record.model, tenant=record.tenant,
+        request_id=key_of(record), status=Status.FAILED, model=record.model, tenant=record.tenant,
         error=ErrorInfo(message=exc.message, code=exc.code, param=exc.param), finish_reason="error",
         timings=record.timings.merged(completed_at=at),
     )
