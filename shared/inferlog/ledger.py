@@ -244,6 +244,27 @@ class RequestLedger:
             raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
         return await self.get(request_id)
 
+    async def dispatch_facts(self, request_ids: list[str]) -> dict[str, tuple[Status | None, int]]:
+        """What a worker needs before an attempt, per job key, in one read: the stored terminal status (or
+        None) and how many engine failures the request was in."""
+        try:
+            rows = await self._pool.fetch(
+                "SELECT k AS request_id, r.status, COALESCE(q.engine_failures, 0) AS engine_failures "
+                "FROM unnest($1::text[]) AS k LEFT JOIN results r ON r.request_id = k "
+                "LEFT JOIN requests q ON q.request_id = k", request_ids)
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
+        return {row["request_id"]: (Status(row["status"]) if row["status"] else None, int(row["engine_failures"]))
+                for row in rows}
+
+    async def record_engine_failure(self, request_ids: list[str]) -> None:
+        """These requests were in an engine that failed (one more strike each)."""
+        try:
+            await self._pool.execute("UPDATE requests SET engine_failures = engine_failures + 1 "
+                                     "WHERE request_id = ANY($1::text[])", request_ids)
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
+
     async def terminal_statuses(self, request_ids: list[str]) -> dict[str, Status]:
         """The stored terminal status of each of these requests that has one."""
         try:

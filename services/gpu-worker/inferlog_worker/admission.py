@@ -8,6 +8,7 @@ ordered interactive-first, then by arrival.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -62,6 +63,20 @@ class KvAdmission(Generic[T]):
             if queue:
                 break  # the head of a higher tier waits: the lower tier does not jump it
         return admitted
+
+    def admit_first_matching(self, wanted: Callable[[T], bool]) -> T | None:
+        """Admit the first waiting item ``wanted`` picks, if it fits, ahead of the others (which keep their
+        places): how a quarantined request jumps the queue."""
+        for queue in self._waiting.values():
+            for entry in queue:
+                request_id, tokens, item = entry
+                if wanted(item):
+                    if not self._fits(tokens):
+                        return None
+                    queue.remove(entry)
+                    self._reserved[request_id] = tokens
+                    return item
+        return None
 
     def discard_waiting(self, request_id: str) -> bool:
         """Drop waiting (not yet admitted) work; True if it was waiting."""

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from inferlog.errors import StoreUnavailable
 from inferlog.hot import CancelFlags, DeltaStream, Leases, LeaseState
 from inferlog.kafka import Outgoing, publish_all
 from inferlog.ledger import RequestLedger
@@ -39,7 +40,7 @@ from inferlog.topics import Topics
 from inferlog_worker.admission import KvAdmission
 from inferlog_worker.consumer import TierConsumer
 from inferlog_worker.load import LoadReporter, LoadSnapshot
-from inferlog_worker.runner import GenerationDone, GenerationJob, ModelRunner
+from inferlog_worker.runner import EngineFailed, GenerationDone, GenerationJob, ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class _Work:
     """Another worker holds its lease now: this attempt publishes nothing."""
     retries: int = 0
     """Preflights that could not decide (a store unreachable) or attempts that broke before the engine."""
+    suspect: bool = False
+    """It was in an engine failure: it runs alone (quarantine), and suspects go before other work."""
 
 
 @dataclass
@@ -85,7 +88,8 @@ class GpuWorker:
                  producer: AIOKafkaProducer, topics: Topics, admission: KvAdmission[_Work],
                  load: LoadReporter | None = None, load_interval_s: float = 1.0,
                  shutdown_grace_s: float = 30.0, side: SideChannels | None = None,
-                 watch_interval_s: float = 1.0, recent_window_s: float = 300.0) -> None:
+                 watch_interval_s: float = 1.0, recent_window_s: float = 300.0,
+                 engine_watchdog_s: float = 120.0, max_engine_failures: int = 2) -> None:
         self.worker_id = worker_id
         self._runner = runner
         self._consumer = consumer
@@ -108,6 +112,11 @@ class GpuWorker:
         """Requests whose result this worker put on the log, and when: a copy re-delivered meanwhile is
         skipped (the result is durable; the store may just not have recorded it yet)."""
         self._recent_window_s = recent_window_s
+        self._watchdog_s = engine_watchdog_s
+        self._max_engine_failures = max_engine_failures
+        self._quarantine: str | None = None
+        """A suspect (a request that was in an engine failure) that has claimed the engine: it runs alone,
+        so a second failure is its own and no bystander collects a strike beside it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._generations: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.Task[None]] = set()
@@ -132,21 +141,27 @@ class GpuWorker:
     async def run(self, stop: asyncio.Event) -> None:
         renewing = asyncio.create_task(self._renew_leases_forever())
         background = [renewing] + [asyncio.create_task(c) for c in (
-            self._report_load_forever(), self._flush_deltas_forever(), self._listen_for_cancels())]
+            self._report_load_forever(), self._flush_deltas_forever(), self._listen_for_cancels(),
+            self._watch_engine_forever())]
         try:
-            while not stop.is_set():
+            while not stop.is_set() and self._runner.failure is None:
                 if self._admission.has_room():
                     self._consumer.resume_all()
                     room = self._admission.capacity.max_running - self._admission.running
-                    for record in await self._consumer.fetch(room):
-                        await self._triage(record)
+                    fetched = await self._consumer.fetch(room)
+                    suspects = await self._suspects_among(fetched)
+                    for record in fetched:
+                        await self._triage(record, suspects)
                 else:
                     self._consumer.pause_all()  # keep polling (heartbeats, rebalances) but fetch nothing
                     await self._consumer.fetch(1, timeout_ms=0)
                     await self._wait_progress(0.05)
                 self._start_admitted()
                 await self._consumer.commit()
-            await self._drain(renewing)
+            if self._runner.failure is not None:
+                await self._abandon_all(renewing)
+            else:
+                await self._drain(renewing)
         finally:
             for task in background:
                 task.cancel()
@@ -182,6 +197,50 @@ class GpuWorker:
                 await self._best_effort(leases.mark_done(request_id, value))
         await self._consumer.commit()
 
+    async def _abandon_all(self, renewing: asyncio.Task[None]) -> None:
+        """The engine failed: publish nothing terminal for the work it held (none of it is the requests'
+        fault), record a strike against each request that was in the engine, release the leases so other
+        workers take the work over at once, and commit only what had finished. The caller then exits
+        non-zero, to be restarted."""
+        self._consumer.pause_all()
+        tasks = list(self._watchers) + list(self._generations)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        renewing.cancel()
+        in_engine = sorted(rid for rid, work in self._work.items() if work.state == "running")
+        log.error("engine failed (%s): abandoning %d requests in the engine, %d tracked", self._runner.failure,
+                  len(in_engine), len(self._work))
+        if in_engine and self._side.ledger is not None:
+            try:
+                await asyncio.wait_for(self._side.ledger.record_engine_failure(in_engine), 5)
+            except (StoreUnavailable, TimeoutError) as exc:
+                log.warning("engine failure of %d requests not recorded: %s", len(in_engine), exc)
+        leases = self._side.leases
+        if leases is not None:
+            for request_id, work in list(self._held.items()):
+                if work.state in ("admitted", "running") and work.lease is not None:
+                    await self._best_effort(leases.release(request_id, work.lease))
+            for request_id, value in list(self._done_pending.items()):
+                await self._best_effort(leases.mark_done(request_id, value))
+        self._held.clear()
+        await self._consumer.commit()
+
+    async def _watch_engine_forever(self) -> None:
+        """The watchdog: requests in the engine and no engine step completed for ``engine_watchdog_s``
+        means the engine hangs; it is failed like a crashed one."""
+        last_steps, last_change = self._runner.steps(), time.monotonic()
+        while self._runner.failure is None:
+            await asyncio.sleep(min(1.0, self._watchdog_s / 4))
+            steps, busy = self._runner.steps(), len(self._runner.running_ids())
+            if steps != last_steps or not busy:
+                last_steps, last_change = steps, time.monotonic()
+            elif time.monotonic() - last_change > self._watchdog_s:
+                self._runner.fail(f"no engine step completed in {self._watchdog_s:.0f}s with {busy} requests "
+                                  "in the engine")
+        self._progress.set()
+
     async def _wait_progress(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self._progress.wait(), timeout)
@@ -191,7 +250,25 @@ class GpuWorker:
 
     # -- triage: what to do with a fetched record ----------------------------------------------------------
 
-    async def _triage(self, raw: ConsumerRecord) -> None:
+    async def _suspects_among(self, fetched: list[ConsumerRecord]) -> set[str]:
+        """The fetched requests that were in an engine failure, in one read for the batch, so the quarantine
+        knows them before other work fills the engine. Best effort: preflight reads it again anyway."""
+        keys = sorted({r.key.decode("utf-8", "replace") for r in fetched if r.key})
+        if not keys or self._side.ledger is None:
+            return set()
+        try:
+            facts = await self._side.ledger.dispatch_facts(keys)
+        except Exception as exc:  # noqa: BLE001 - only an optimisation; preflight decides
+            log.debug("suspect lookup skipped: %r", exc)
+            return set()
+        return {key for key, (terminal, failures) in facts.items() if terminal is None and self._is_suspect(failures)}
+
+    def _is_suspect(self, engine_failures: int) -> bool:
+        """One more engine failure would end it: it runs alone, so it is only ever failed for a failure it
+        was proven to cause (it was alone in the engine)."""
+        return engine_failures > 0 and engine_failures >= self._max_engine_failures - 1
+
+    async def _triage(self, raw: ConsumerRecord, suspects: set[str] | None = None) -> None:
         tp = TopicPartition(raw.topic, raw.partition)
         try:
             record = TokenizedRecord.model_validate_json(raw.value or b"")
@@ -215,7 +292,7 @@ class GpuWorker:
             self._consumer.finish(tp, raw.offset)
             self._progress.set()
             return
-        work = _Work(record, [(tp, raw.offset)])
+        work = _Work(record, [(tp, raw.offset)], suspect=record.request_id in (suspects or ()))
         refusal = self._refusal(record)
         if refusal is not None:
             self._spawn(self._hand_on([(self._topics.results, record.request_id, refusal)], work.positions,
@@ -237,6 +314,15 @@ class GpuWorker:
         if record.params.temperature > 0 and not self._runner.sampling:
             return self._terminal(record, Status.FAILED, "This worker serves greedy decoding only "
                                   "(temperature 0).", "sampling_not_served", at)
+        vocab = self._runner.vocab_size
+        if vocab and any(not 0 <= token < vocab for token in record.input_ids):
+            return self._terminal(record, Status.FAILED, f"The record's input_ids fall outside the model's "
+                                  f"vocabulary of {vocab} tokens.", "invalid_token_ids", at)
+        context = self._runner.context_length
+        if context and len(record.input_ids) + record.params.max_tokens > context:
+            return self._terminal(record, Status.FAILED, f"The prompt ({len(record.input_ids)} tokens) plus "
+                                  f"max_tokens ({record.params.max_tokens}) exceeds the model's context of "
+                                  f"{context} tokens.", "context_length_exceeded", at)
         if not self._admission.fits_ever(len(record.input_ids) + record.params.max_tokens):
             return self._terminal(record, Status.FAILED, "The prompt plus max_tokens exceeds this worker's KV "
                                   f"cache of {self._admission.capacity.kv_tokens} tokens; lower max_tokens.",
@@ -253,7 +339,15 @@ class GpuWorker:
     # -- generation ----------------------------------------------------------------------------------------
 
     def _start_admitted(self) -> None:
-        for work in self._admission.admit_ready():
+        if self._quarantine is not None or any(w.suspect and w.state == "waiting" for w in self._work.values()):
+            # Quarantine: suspects one at a time, nothing else admitted meanwhile (no polling either).
+            if self._quarantine is not None or any(w.suspect and w.state != "waiting" for w in self._work.values()):
+                return
+            suspect = self._admission.admit_first_matching(lambda w: w.suspect)
+            admitted = [suspect] if suspect is not None else []
+        else:
+            admitted = self._admission.admit_ready()
+        for work in admitted:
             work.state = "admitted"  # from here on a revocation no longer drops it
             self._spawn(self._generate(work), self._generations)
 
@@ -270,10 +364,14 @@ class GpuWorker:
             self._admission.release(request_id)
             self._retry_later(work, exc)
             return
+        if verdict == "defer":  # the engine is reserved for a suspect running alone, or busy for one
+            self._admission.release(request_id)
+            self._offer_again(work, 0.2)
+            return
         if verdict != "run":
             self._admission.release(request_id)
-            if isinstance(verdict, ResultRecord):
-                await self._hand_on([(self._topics.results, request_id, verdict)], [], finished=request_id)
+            if isinstance(verdict, list):
+                await self._hand_on(verdict, [], finished=request_id)
                 self._finish(work)  # every copy joined while it published, too
             elif verdict == "watch":
                 self._watch_or_drop(work)
@@ -305,6 +403,9 @@ class GpuWorker:
                     raise
         except asyncio.CancelledError:
             raise
+        except EngineFailed:  # the engine's fault, not the request's: publish nothing; the worker exits
+            self._progress.set()
+            return
         except Exception as exc:  # noqa: BLE001 - broke before any result: give the attempt up, retry
             await self._abandon(work)
             self._retry_later(work, exc)
@@ -356,10 +457,19 @@ class GpuWorker:
         request_id = work.record.request_id
         if self._held.get(request_id) is work:
             del self._held[request_id]
+        if self._quarantine == request_id:
+            self._quarantine = None
         work.state, work.lease, work.lost = "waiting", None, False
         work.retries += 1
         delay = min(30.0, 0.5 * 2 ** min(work.retries, 6))
         log.warning("%s not started (%r): offered again in %.1fs", request_id, reason, delay)
+        self._spawn(self._offer_later(work, delay))
+
+    def _offer_again(self, work: _Work, delay: float) -> None:
+        """Not now, but soon (no backoff): back to waiting, offered again after ``delay``."""
+        if self._held.get(work.record.request_id) is work:
+            del self._held[work.record.request_id]
+        work.state, work.lease = "waiting", None
         self._spawn(self._offer_later(work, delay))
 
     async def _offer_later(self, work: _Work, delay: float) -> None:
@@ -373,6 +483,8 @@ class GpuWorker:
     def _drop(self, work: _Work) -> None:
         """Stop tracking this work (its task has ended)."""
         request_id = work.record.request_id
+        if self._quarantine == request_id:
+            self._quarantine = None
         if self._work.get(request_id) is work:
             del self._work[request_id]
         if self._held.get(request_id) is work:
@@ -383,6 +495,8 @@ class GpuWorker:
         request_id = work.record.request_id
         if self._held.get(request_id) is work:
             del self._held[request_id]
+        if self._quarantine == request_id:
+            self._quarantine = None
         work.lease, work.lost, work.cancelled = None, False, False
         if work.positions and self._work.get(request_id) is work:
             work.state = "watching"
@@ -402,18 +516,25 @@ class GpuWorker:
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 
-    async def _preflight(self, work: _Work) -> str | ResultRecord:
+    async def _preflight(self, work: _Work) -> str | list[Outgoing]:
         """``run``; ``done`` (a terminal result is stored: skip it); ``watch`` (another attempt's lease,
-        live or done, holds it); or the terminal result to publish instead (cancelled before it ran)."""
+        live or done, holds it); or the records to publish instead of running it (cancelled before it ran;
+        failed after too many engine failures)."""
         record = work.record
         request_id = record.request_id
         side = self._side
-        if side.ledger is not None and request_id in await side.ledger.terminal_statuses([request_id]):
-            return "done"  # (a StoreUnavailable is "unknown": the caller retries later, never runs on it)
+        if side.ledger is not None:  # (a StoreUnavailable is "unknown": the caller retries later, never runs)
+            terminal, engine_failures = (await side.ledger.dispatch_facts([request_id])).get(request_id, (None, 0))
+            if terminal is not None:
+                return "done"
+            if engine_failures >= self._max_engine_failures:
+                return self._engine_error(work, engine_failures)
+            if not self._may_enter_engine(work, suspect=self._is_suspect(engine_failures)):
+                return "defer"
         if side.cancels is not None and await self._best_effort(side.cancels.flagged([request_id])):
-            return self._cancelled(record)
+            return [(self._topics.results, request_id, self._cancelled(record))]
         if work.cancelled:
-            return self._cancelled(record)
+            return [(self._topics.results, request_id, self._cancelled(record))]
         if side.leases is not None:
             value = side.leases.new_value()
             try:
@@ -454,6 +575,38 @@ class GpuWorker:
                                       work.record.priority, work)
                 self._progress.set()
                 return
+
+    def _may_enter_engine(self, work: _Work, *, suspect: bool) -> bool:
+        """Quarantine: a suspect claims the engine, waits until nothing else runs, and runs alone; nothing
+        else starts while a suspect waits or runs, so suspects run back to back."""
+        request_id = work.record.request_id
+        work.suspect = work.suspect or suspect
+        if not work.suspect:
+            return self._quarantine is None and not any(
+                w.suspect and w.state in ("waiting", "admitted") for w in self._work.values())
+        if self._quarantine is None:
+            self._quarantine = request_id
+            log.warning("%s was in an engine failure: it runs alone", request_id)
+        # Alone: nothing else in the engine, nor on its way there (admitted work that passed this check
+        # before the quarantine was claimed).
+        return self._quarantine == request_id and not any(
+            w.state in ("admitted", "running", "publishing") and w.record.request_id != request_id
+            for w in self._work.values())
+
+    def _engine_error(self, work: _Work, failures: int) -> list[Outgoing]:
+        """A request that was in the engine each time it failed: end it, so it cannot crash-loop the fleet."""
+        record = work.record
+        message = (f"The generation engine failed {failures} times while running this request; it is not "
+                   "attempted again. Retry it with another request_id if it should run.")
+        result = ResultRecord(
+            request_id=record.request_id, status=Status.FAILED, model=record.model, tenant=record.tenant,
+            worker_id=self.worker_id, finish_reason="error", timings=record.timings.merged(completed_at=now()),
+            error=ErrorInfo(message=message, type="server_error", code="engine_error"))
+        tp, offset = work.positions[0] if work.positions else (TopicPartition("", -1), -1)
+        dead = DeadLetter(stage="gpu-worker", error=f"engine_error: {message}", topic=tp.topic,
+                          partition=tp.partition, offset=offset, request_id=record.request_id,
+                          value=record.model_dump_json())
+        return [(self._topics.results, record.request_id, result), (self._topics.dlq, record.request_id, dead)]
 
     def _finish(self, work: _Work) -> None:
         """Nothing to publish (already terminal): let the commit pass this request's offsets."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from redis.asyncio import Redis
 
 from inferlog.db import connect_pool
+from inferlog.errors import ConfigError
 from inferlog.hot import CancelFlags, DeltaStream, Keys, Leases
 from inferlog.kafka import make_consumer, make_producer
 from inferlog.ledger import RequestLedger
@@ -28,7 +30,18 @@ def build_runner(settings: WorkerSettings) -> ModelRunner:
     model = ModelRegistry(settings.common).get(settings.model_name)
     return ModelRunner(model, device=settings.device, num_blocks=settings.num_blocks,
                        page_size=settings.page_size, max_batch_tokens=settings.max_batch_tokens,
-                       sampling=settings.sampling)
+                       sampling=settings.sampling, test_hooks=settings.test_hooks)
+
+
+def check_kv_capacity(settings: WorkerSettings, context: int) -> None:
+    """A worker whose KV cache cannot hold one full-context request refuses to start: KV size is then a
+    configuration error, never a request's failure."""
+    capacity = settings.num_blocks * settings.page_size
+    if capacity < context:
+        raise ConfigError(
+            f"the KV cache holds {capacity} tokens (INFERLOG_WORKER_NUM_BLOCKS={settings.num_blocks} x "
+            f"INFERLOG_WORKER_PAGE_SIZE={settings.page_size}) but model {settings.model_name!r} has a context of "
+            f"{context} tokens; raise INFERLOG_WORKER_NUM_BLOCKS to at least {-(-context // settings.page_size)}")
 
 
 async def warm_up(runner: ModelRunner) -> None:
@@ -59,15 +72,17 @@ def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | N
         admission=KvAdmission(Capacity(settings.num_blocks * settings.page_size, settings.max_running)),
         load=LoadReporter(redis, common.redis_prefix, settings.load_ttl_s) if redis is not None else None,
         load_interval_s=settings.load_interval_s, shutdown_grace_s=settings.shutdown_grace_s, side=side,
-        watch_interval_s=settings.watch_interval_s)
+        watch_interval_s=settings.watch_interval_s, engine_watchdog_s=settings.engine_watchdog_s,
+        max_engine_failures=settings.max_engine_failures)
     tier.on_revoked = worker.drop_revoked
     return worker
 
 
-async def serve(settings: WorkerSettings) -> None:
+async def serve(settings: WorkerSettings) -> str | None:
     common = settings.common
     await ensure_topics(common.kafka_bootstrap, Topics.from_settings(common), create=False)
     runner = build_runner(settings)
+    check_kv_capacity(settings, runner.model.context_length())
     await asyncio.to_thread(runner.load)
     await warm_up(runner)
     redis = Redis.from_url(common.redis_url, socket_timeout=2, socket_connect_timeout=2)
@@ -82,8 +97,19 @@ async def serve(settings: WorkerSettings) -> None:
         await worker.close()
         await redis.aclose()
         await pool.close()
-        await asyncio.to_thread(runner.stop, hard=True)
+        if runner.failure is None:  # a failed engine's thread may hang: never wait on it
+            await asyncio.to_thread(runner.stop, hard=True)
+    return runner.failure
+
+
+ENGINE_FAILED_EXIT = 3
+"""The worker's exit status when its engine failed: restart it (the supervisor does); its work was left
+uncommitted and its leases released, so other workers take it over."""
 
 
 def run(settings: WorkerSettings | None = None) -> None:
-    asyncio.run(serve(settings or WorkerSettings()))
+    failure = asyncio.run(serve(settings or WorkerSettings()))
+    if failure is not None:
+        log.error("exiting with status %d: the engine failed (%s)", ENGINE_FAILED_EXIT, failure)
+        logging.shutdown()
+        os._exit(ENGINE_FAILED_EXIT)  # not sys.exit: a hung engine thread would keep the process alive

@@ -18,12 +18,18 @@ from typing import Any, Literal
 
 from inferlog.models import RegisteredModel
 from inferlog.prompting import PromptFormatter
+from inferlog_worker import cb_shim
 
 log = logging.getLogger(__name__)
 
 GREEDY_TEMPERATURE = 1e-5
 """How temperature 0 runs when the manager samples: as good as argmax unless the top two logits are
 within ~1e-4 of each other."""
+
+
+class EngineFailed(Exception):
+    """The engine itself failed: its thread crashed (transformers then fails every request of the batch)
+    or it stopped making progress. No request's fault: the worker publishes nothing for what it ran."""
 
 
 FinishReason = Literal["stop", "length", "cancelled", "expired", "error"]
@@ -74,7 +80,7 @@ class _Live:
 
 class ModelRunner:
     def __init__(self, model: RegisteredModel, *, device: str, num_blocks: int, page_size: int,
-                 max_batch_tokens: int, sampling: bool) -> None:
+                 max_batch_tokens: int, sampling: bool, test_hooks: str | None = None) -> None:
         self.model = model
         self._device = device
         self._num_blocks = num_blocks
@@ -86,6 +92,11 @@ class ModelRunner:
         self._manager: Any = None
         self._eos: int | None = None
         self._live: dict[str, _Live] = {}
+        self._test_hooks = test_hooks
+        self.failure: str | None = None
+        """Why the engine failed (set once); every live request's future then raises EngineFailed."""
+        self.vocab_size = 0
+        self.context_length = 0
 
     # -- lifecycle (blocking: call from a thread) --------------------------------------------------------
 
@@ -119,6 +130,12 @@ class ModelRunner:
             max_queue_size=0, per_request_processors=self.sampling)
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config)
+        self.vocab_size = int(model.config.vocab_size)
+        self.context_length = self.model.context_length()
+        if self._test_hooks:  # a module the tests name, to break the engine on purpose; never set otherwise
+            import importlib
+
+            importlib.import_module(self._test_hooks).install(self._manager)
         self._manager.start()
         log.info("loaded %s (%s) on %s in %.1fs", self.model.name, self.version, device, time.monotonic() - started)
 
@@ -130,8 +147,11 @@ class ModelRunner:
     # -- requests (on the event loop) -------------------------------------------------------------------
 
     def submit(self, job: GenerationJob, on_text: TextSink | None = None) -> asyncio.Future[GenerationDone]:
-        """Start generating; the future resolves with the outcome (never raises). ``on_text`` receives the
-        visible text as it grows (never a stop sequence, never half a UTF-8 character)."""
+        """Start generating; the future resolves with the outcome, or raises EngineFailed if the engine
+        fails meanwhile (so does this call, if it has). ``on_text`` receives the visible text as it grows
+        (never a stop sequence, never half a UTF-8 character)."""
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[GenerationDone] = loop.create_future()
         live = _Live(job, future, on_text=on_text)
@@ -143,10 +163,28 @@ class ModelRunner:
         accepted = self._manager.add_request(
             job.input_ids, request_id=job.request_id, max_new_tokens=job.max_tokens, streaming=True,
             eos_token_id=-1 if job.ignore_eos else self._eos, **kwargs)
-        if accepted is None:
+        if accepted is None:  # the manager is stopping or has failed: the engine's fault, not the request's
             self._unregister(job.request_id)
-            self._resolve(live, "error", error="the generation engine is stopping or has failed")
+            self._live.pop(job.request_id, None)
+            reason = cb_shim.stopped_reason(self._manager) or "the engine refused a request"
+            self.fail(reason)
+            raise EngineFailed(reason)
         return future
+
+    def fail(self, reason: str) -> None:
+        """The engine failed (or the watchdog says it hangs): every live request's future raises
+        EngineFailed, and so will every later submit."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("engine failed: %s", reason)
+        live, self._live = list(self._live.values()), {}
+        for item in live:
+            if not item.future.done():
+                item.future.set_exception(EngineFailed(reason))
+
+    def steps(self) -> int:
+        """Generation steps completed so far (the watchdog's heartbeat)."""
+        return cb_shim.steps_completed(self._manager) if self._manager is not None else 0
 
     def cancel(self, request_id: str, reason: Literal["cancelled", "expired"] = "cancelled") -> bool:
         """Stop a request within one decode step and free its KV blocks; its future resolves with
@@ -163,16 +201,10 @@ class ModelRunner:
         return list(self._live)
 
     def stats(self) -> RunnerStats:
-        processor = self._manager.batch_processor if self._manager is not None else None
-        if processor is None:
+        if self._manager is None:
             return RunnerStats(0, self._num_blocks, self._num_blocks)
-        # Blocks held by live requests. Blocks the cache keeps for prefix reuse after their request ended
-        # are reclaimable on demand, so they count as free. The tables belong to the generation thread:
-        # copy them in one step (atomic under the GIL) before reading.
-        allocators = list(processor.cache.cache_allocators.values())
-        in_use = max((len({b for blocks in list(a.block_table.values()) for b in blocks}) for a in allocators),
-                     default=0)
-        return RunnerStats(len(processor.scheduler.active_requests), self._num_blocks - in_use, self._num_blocks)
+        in_use = cb_shim.kv_blocks_in_use(self._manager)
+        return RunnerStats(cb_shim.active_requests(self._manager), self._num_blocks - in_use, self._num_blocks)
 
     def _on_output(self, live: _Live, output: Any) -> None:
         if live.future.done():
@@ -181,6 +213,10 @@ class ModelRunner:
             live.first_token_at = time.time()
         live.tokens = list(output.generated_tokens)
         if output.error:
+            reason = cb_shim.stopped_reason(self._manager)
+            if reason is not None:  # the engine crashed and failed the whole batch: not this request's fault
+                self.fail(f"{reason} ({output.error})")
+                return
             self._resolve(live, "error", error=str(output.error))
             return
         if live.on_text is None and not live.job.stop and not output.is_finished():
@@ -226,6 +262,4 @@ class ModelRunner:
             first_token_at=live.first_token_at, completed_at=time.time(), error=error))
 
     def _unregister(self, request_id: str) -> None:
-        router = self._manager.output_router
-        with router._lock:  # the manager's own lock around its handler table
-            router.result_handlers.pop(request_id, None)
+        cb_shim.unregister_handler(self._manager, request_id)

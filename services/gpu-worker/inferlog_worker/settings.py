@@ -50,6 +50,16 @@ class WorkerSettings(BaseSettings):
     """How often a request leased by another worker is re-checked (terminal yet? lease expired?)."""
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long in-flight generations may finish before the worker exits uncommitted."""
+    engine_watchdog_s: float = Field(default=120.0, gt=0)
+    """No engine step completed for this long while requests are in the engine: the engine hangs, and the
+    worker exits (non-zero) for a restart. A step, not a token: a long prefill yields none. Keep it well
+    above one loaded step (seconds on two CPU cores)."""
+    max_engine_failures: int = Field(default=2, ge=1)
+    """A request that was in this many engine failures ends ``failed`` (``engine_error``) with a dead
+    letter, so one poison request cannot crash-loop the fleet."""
+    test_hooks: str | None = None
+    """A module the fault tests name to break the engine on purpose (its ``install(manager)`` is called).
+    Never set in production."""
     common: InferlogSettings = Field(default_factory=InferlogSettings)
 
     @model_validator(mode="after")
