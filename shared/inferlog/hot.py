@@ -54,6 +54,10 @@ class Keys:
     def lease(self, request_id: str) -> str:
         return f"{self.prefix}:lease:{request_id}"
 
+    def worker(self, worker_id: str) -> str:
+        """A worker's load hash (``inferlog_worker.load``)."""
+        return f"{self.prefix}:worker:{worker_id}"
+
 
 class StatusCache:
     """Hot job views and terminal notifications."""
@@ -229,6 +233,15 @@ return 0
     async def release(self, request_id: str, value: str) -> None:
         """Give up a live lease (the attempt was abandoned, nothing published)."""
         await self._redis.eval(self._RELEASE, 1, self._keys.lease(request_id), value)  # type: ignore[misc]
+
+    async def release_many(self, held: dict[str, str]) -> None:
+        """Give up several live leases (request_id → value) in one round trip."""
+        if not held:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, value in held.items():
+                pipe.eval(self._RELEASE, 1, self._keys.lease(request_id), value)
+            await pipe.execute()
 
     async def forget_recorded(self, request_ids: list[str]) -> None:
         """The store recorded these requests' terminal results: their done leases have served their purpose.

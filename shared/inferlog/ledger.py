@@ -20,7 +20,7 @@ import asyncpg
 from inferlog.db import TRANSIENT_ERRORS, GuardedPool
 from inferlog.errors import IdempotencyConflict, StoreUnavailable
 from inferlog.identity import client_id_of, job_key
-from inferlog.messages import RequestRecord, Status, now
+from inferlog.messages import TERMINAL_RANK, RequestRecord, Status, now
 
 _TRANSIENT = TRANSIENT_ERRORS
 
@@ -130,7 +130,7 @@ class RequestLedger:
                 created = {
                     row["request_id"]
                     for row in await conn.fetch(
-                        """
+                        f"""
                         INSERT INTO requests (request_id, payload, payload_hash, tenant, model, priority,
                                               status, status_rank, deadline_at, timings, request_hash)
                         SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[], $5::text[],
@@ -140,7 +140,7 @@ class RequestLedger:
                             SET payload = EXCLUDED.payload, payload_hash = EXCLUDED.payload_hash,
                                 tenant = EXCLUDED.tenant, model = EXCLUDED.model, priority = EXCLUDED.priority,
                                 deadline_at = EXCLUDED.deadline_at, request_hash = EXCLUDED.request_hash
-                            WHERE requests.payload_hash IS NULL AND requests.status_rank < 100
+                            WHERE requests.payload_hash IS NULL AND requests.status_rank < {TERMINAL_RANK}
                         RETURNING request_id
                         """,
                         [k for k, _r, _h in firsts],
@@ -260,8 +260,12 @@ class RequestLedger:
     async def record_engine_failure(self, request_ids: list[str]) -> None:
         """These requests were in an engine that failed (one more strike each)."""
         try:
-            await self._pool.execute("UPDATE requests SET engine_failures = engine_failures + 1 "
-                                     "WHERE request_id = ANY($1::text[])", request_ids)
+            # An upsert: a direct record's row may not exist yet (the store creates it on first sight).
+            await self._pool.execute(
+                "INSERT INTO requests (request_id, status, status_rank, engine_failures) "
+                "SELECT k, $2, $3, 1 FROM unnest($1::text[]) AS k "
+                "ON CONFLICT (request_id) DO UPDATE SET engine_failures = requests.engine_failures + 1",
+                request_ids, Status.RUNNING.value, Status.RUNNING.rank)
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
 
@@ -314,9 +318,9 @@ class RequestLedger:
         """Accepted and not terminal (Little's L): everywhere, or one tenant's."""
         try:
             if tenant is None:
-                return int(await self._pool.fetchval("SELECT count(*) FROM requests WHERE status_rank < 100"))
+                return int(await self._pool.fetchval(f"SELECT count(*) FROM requests WHERE status_rank < {TERMINAL_RANK}"))
             return int(await self._pool.fetchval(
-                "SELECT count(*) FROM requests WHERE status_rank < 100 AND tenant = $1", tenant))
+                f"SELECT count(*) FROM requests WHERE status_rank < {TERMINAL_RANK} AND tenant = $1", tenant))
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
 

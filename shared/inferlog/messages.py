@@ -53,6 +53,12 @@ _RANK = {
     Status.RUNNING: 3,
     **{s: 100 for s in _TERMINAL},
 }
+TERMINAL_RANK = 100
+"""The rank every terminal status shares, in Python and in SQL alike (``status_rank < TERMINAL_RANK``
+is an open job)."""
+
+
+FinishReason = Literal["stop", "length", "cancelled", "expired", "error"]
 
 
 class Priority(StrEnum):
@@ -177,7 +183,7 @@ class ResultRecord(_Record):
     model: str | None = None
     model_version: str | None = None
     text: str | None = Field(default=None, repr=False)
-    finish_reason: Literal["stop", "length", "cancelled", "expired", "error"] | None = None
+    finish_reason: FinishReason | None = None
     usage: Usage = Field(default_factory=Usage)
     error: ErrorInfo | None = None
     timings: Timings = Field(default_factory=Timings)
@@ -198,6 +204,34 @@ class DeadLetter(_Record):
     value: str = Field(repr=False)
     """The original record's bytes, decoded as UTF-8 with replacement."""
     at: float = Field(default_factory=now)
+
+
+FINISH_STATUS: dict[str, Status] = {
+    "stop": Status.COMPLETED, "length": Status.COMPLETED, "cancelled": Status.CANCELLED,
+    "expired": Status.EXPIRED, "error": Status.FAILED,
+}
+"""How a generation's finish reason ends its request."""
+
+
+def ended(request_id: str, status: Status, *, message: str | None = None, code: str | None = None,
+          error_type: str = "invalid_request_error", param: str | None = None, model: str | None = None,
+          tenant: str | None = None, worker_id: str | None = None, timings: Timings | None = None,
+          finish_reason: FinishReason | None = None, text: str | None = None) -> ResultRecord:
+    """A terminal result decided by a stage rather than generated: refused, failed, cancelled, expired.
+    ``message``/``code`` make its error (in words a person can act on); timings get ``completed_at``."""
+    assert status.is_terminal(), status
+    error = ErrorInfo(message=message, type=error_type, code=code, param=param) if message is not None else None
+    return ResultRecord(request_id=request_id, status=status, model=model, tenant=tenant, worker_id=worker_id,
+                        error=error, finish_reason=finish_reason, text=text,
+                        timings=(timings or Timings()).merged(completed_at=now()))
+
+
+def dead_letter(stage: str, error: str, *, topic: str, partition: int, offset: int, request_id: str | None,
+                value: bytes | str | None) -> DeadLetter:
+    """A record that can never succeed, set aside with where it came from and why."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
+    return DeadLetter(stage=stage, error=error, topic=topic, partition=partition, offset=offset,
+                      request_id=request_id, value=text)
 
 
 EXPORTED_MODELS: dict[str, type[BaseModel]] = {

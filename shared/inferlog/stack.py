@@ -32,6 +32,7 @@ from inferlog.config import EMBEDDED, InferlogSettings
 from inferlog.db import migrate
 from inferlog.embedded import EmbeddedPostgres, EmbeddedRedis
 from inferlog.errors import ConfigError, StoreUnavailable
+from inferlog.hot import Keys
 from inferlog.models import ModelRegistry, prepare
 from inferlog.topics import Topics, ensure_topics, group_is_consuming
 
@@ -150,7 +151,7 @@ class Stack:
     def _worker_ready(self) -> bool:
         client = Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
         try:
-            return bool(client.exists(f"{self.settings.redis_prefix}:worker:{self._worker_id}"))
+            return bool(client.exists(Keys(self.settings.redis_prefix).worker(self._worker_id)))
         finally:
             client.close()
 

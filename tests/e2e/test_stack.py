@@ -12,6 +12,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from inferlog.hot import Keys
 from inferlog.topics import Topics
 from tests.conftest import drop_schema, eventually, free_port, make_settings
 from tests.e2e.conftest import RunningStack, inferlog_up
@@ -68,7 +69,7 @@ async def test_submit_then_poll_completes(http: httpx.AsyncClient) -> None:
 async def test_short_request_overtakes_a_running_batch_of_long_ones(stack: RunningStack,
                                                                     http: httpx.AsyncClient) -> None:
     redis = Redis.from_url(stack.settings.redis_url, decode_responses=True)
-    key = f"{stack.settings.redis_prefix}:worker:local-worker-1"
+    key = Keys(stack.settings.redis_prefix).worker("local-worker-1")
     try:
         longs = [await submit(http, messages=CHAT, max_tokens=400, ignore_eos=True) for _ in range(2)]
 

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from inferlog.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.conftest import drop_schema, free_port, make_settings
 from tests.faults.harness import Cluster
 
@@ -36,6 +39,28 @@ async def make_cluster(run_id: str, tiny_dir: Path, tmp_path: Path) -> AsyncIter
     for cluster in clusters:
         await cluster.close()
         await drop_schema(cluster.settings.postgres_schema)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis of the test's own, to stop or pause (never the machine's)."""
+    redis = EmbeddedRedis(free_port())
+    redis.start()
+    yield redis
+    if redis.proc is not None:
+        redis.proc.send_signal(signal.SIGCONT)
+    redis.stop()
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A Postgres of the test's own, to stop or pause (never the machine's)."""
+    postgres = EmbeddedPostgres(tmp_path / "pg", free_port())
+    postgres.start()
+    yield postgres
+    if postgres.proc is not None:
+        os.killpg(postgres.proc.pid, signal.SIGCONT)
+    postgres.stop()
 
 
 def start_pipeline(cluster: Cluster, workers: tuple[str, ...] = ("w",), **worker_env: str) -> None:

@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from inferlog import broker
 from inferlog.config import InferlogSettings
 from inferlog.db import migrate
+from inferlog.hot import Keys
 from inferlog.kafka import make_consumer
 from inferlog.messages import EventRecord, ResultRecord, Status
 from inferlog.topics import Topics, ensure_topics, group_is_consuming
@@ -104,7 +105,7 @@ class Cluster:
     async def load(self, name: str) -> dict[str, str]:
         redis = Redis.from_url(self.settings.redis_url, decode_responses=True)
         try:
-            return await redis.hgetall(f"{self.settings.redis_prefix}:worker:{self.worker_id(name)}")  # type: ignore[no-any-return]
+            return await redis.hgetall(Keys(self.settings.redis_prefix).worker(self.worker_id(name)))  # type: ignore[no-any-return]
         finally:
             await redis.aclose()
 

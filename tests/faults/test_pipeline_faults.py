@@ -60,6 +60,7 @@ async def test_tokenizer_and_result_store_killed_mid_stream(make_cluster: MakeCl
     await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
 
     report = await check(cluster.settings, list(client.accepted))
+    assert report.accepted == 200, describe(report)
     elapsed = time.monotonic() - started
     assert report.lost == [] and report.conflicting == [], describe(report)
     timings = await _timings(cluster, list(client.accepted))
@@ -97,6 +98,7 @@ async def test_gateway_restart_between_submit_and_retry(make_cluster: MakeCluste
             assert again.json()["id"] == key and again.json()["status"] == "completed"
             assert (await http.get(f"/v1/requests/{key}")).json() == first[key]
     report = await check(cluster.settings, list(client.accepted))
+    assert report.accepted == 200, describe(report)
     assert sorted(client.accepted) == sorted(bodies)
     assert report.lost == [] and report.conflicting == [], describe(report)
     assert report.regenerated == [] and report.generations == report.accepted, describe(report)
@@ -123,12 +125,15 @@ async def test_cancel_fifty_in_flight_jobs(make_cluster: MakeCluster) -> None:
         jobs = {rid: (await http.get(f"/v1/requests/{rid}")).json() for rid in victims}
         streams = {rid: await _stream(http, rid) for rid in victims}
     report = await check(cluster.settings, list(client.accepted))
+    assert report.accepted == 200, describe(report)
     assert report.lost == [] and report.conflicting == [], describe(report)
     assert {job["status"] for job in jobs.values()} <= {"cancelled", "completed"}
     cancelled = [rid for rid, job in jobs.items() if job["status"] == "cancelled"]
     ran = [rid for rid in cancelled if report.generations_by_id.get(rid)]
     never_ran = [rid for rid in cancelled if not report.generations_by_id.get(rid)]
     assert len(cancelled) >= 45, describe(report)  # a few may legitimately finish before their cancel lands
+    assert report.regenerated == [], describe(report)
+    assert report.generations == report.accepted - len(never_ran), describe(report)
     assert len(ran) >= 10, "fewer than 10 cancels hit a running generation"
     assert never_ran, "no cancel hit a queued job"
     for rid in cancelled:  # no text after the cancel: what streamed is all there is
@@ -197,8 +202,10 @@ async def test_a_poison_record_on_every_topic(make_cluster: MakeCluster) -> None
                             timeout=FAULT_BUDGET_S)
 
     report = await check(cluster.settings, list(client.accepted))
+    assert report.accepted == 200, describe(report)
     assert report.lost == [] and report.conflicting == [], describe(report)
     assert report.statuses == {"completed": 200}
+    assert report.regenerated == [] and report.generations == report.accepted, describe(report)
     dead = [DeadLetter.model_validate_json(value) for _key, value in await read_topic(cluster.settings, topics.dlq)]
     assert {(d.stage, d.topic) for d in dead} >= {
         ("tokenizer", topics.requests), ("gpu-worker", topics.tokenized_interactive),

@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from inferlog.embedded import EmbeddedPostgres, EmbeddedRedis
-from tests.conftest import eventually, free_port
+from tests.conftest import eventually
 from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
 from tests.faults.harness import (
     Client,
@@ -28,23 +26,6 @@ from tests.faults.harness import (
 )
 
 pytestmark = pytest.mark.faults
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    redis = EmbeddedRedis(free_port())
-    redis.start()
-    yield redis
-    redis.stop()
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    postgres = EmbeddedPostgres(tmp_path / "pg", free_port())
-    postgres.start()
-    yield postgres
-    postgres.stop()
-
 
 
 
@@ -79,6 +60,7 @@ async def test_redis_stopped_during_traffic(make_cluster: MakeCluster, own_redis
     report = await check(cluster.settings, list(client.accepted))
     assert report.accepted == 200
     assert report.lost == [] and report.conflicting == [], describe(report)
+    assert report.regenerated == [] and report.generations == report.accepted, describe(report)
     assert time.monotonic() - started <= FAULT_BUDGET_S
 
 
@@ -106,6 +88,7 @@ async def test_postgres_stopped_during_traffic(make_cluster: MakeCluster, own_po
     report = await check(cluster.settings, list(client.accepted))
     assert report.accepted == 200
     assert report.lost == [] and report.conflicting == [], describe(report)
+    assert report.regenerated == [] and report.generations == report.accepted, describe(report)
     assert await read_topic(cluster.settings, cluster.topics.dlq) == [], "an outage sent records to the DLQ"
     for proc in cluster.procs.values():
         assert proc.popen.poll() is None, f"{proc.name} died during the outage"
@@ -134,5 +117,6 @@ async def test_broker_paused_during_submits(make_cluster: MakeCluster) -> None:
     report = await check(cluster.settings, list(client.accepted))
     assert report.accepted == 200
     assert report.lost == [] and report.conflicting == [], describe(report)
+    assert report.regenerated == [] and report.generations == report.accepted, describe(report)
     assert "outbox relay published" in (cluster.procs["gw"].log.read_text())
     assert time.monotonic() - started <= FAULT_BUDGET_S

@@ -47,7 +47,7 @@ async def test_sigkill_worker_mid_batch_loses_nothing(make_cluster: MakeCluster)
     report = await check(cluster.settings, list(client.accepted))
     elapsed = time.monotonic() - started
     interrupted = report.interrupted(victim)
-    assert report.accepted >= 200
+    assert report.accepted == 200, describe(report)
     assert report.lost == [], describe(report)
     assert report.conflicting == [], describe(report)
     assert len(interrupted) >= 10, "the kill did not hit work in flight"
@@ -74,6 +74,7 @@ async def test_sigterm_worker_finishes_its_batch_and_nothing_runs_twice(make_clu
     code = await asyncio.to_thread(cluster.procs["w"].popen.wait, 60)
 
     report = await check(cluster.settings, list(client.accepted))
+    assert report.accepted == 200, describe(report)
     elapsed = time.monotonic() - started
     assert code == 0, tail(cluster.procs["w"].log)
     assert report.lost == [] and report.conflicting == [], describe(report)
@@ -108,6 +109,7 @@ async def test_workers_added_and_removed_under_traffic(make_cluster: MakeCluster
     await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
 
     report = await check(cluster.settings, list(client.accepted))
+    assert report.accepted == 200, describe(report)
     elapsed = time.monotonic() - started
     assert report.lost == [] and report.conflicting == [], describe(report)
     interrupted = report.interrupted(removed)

@@ -19,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from inferlog.kafka import encode, make_consumer, make_producer
 from inferlog.messages import GenerationParams, ResultRecord, Timings, TokenizedRecord
+from inferlog.testing import build_tiny_llama
 from inferlog.topics import Topics, ensure_topics
 from inferlog_worker.main import build_runner, build_worker
 from inferlog_worker.settings import WorkerSettings
@@ -81,8 +82,11 @@ async def results_for(bootstrap: str, topic: str, request_id: str) -> list[Resul
 
 
 async def test_long_generation_keeps_the_group_and_a_blocked_loop_does_not(
-        run_id: str, bootstrap: str, tiny_dir: Path) -> None:
-    common = make_settings(run_id, bootstrap, tiny_dir, suffix="loop")
+        run_id: str, bootstrap: str, smol_dir: Path, tmp_path: Path) -> None:
+    # A tiny model with room for the long generation (the shared one's context is 512 tokens, and a worker
+    # refuses what exceeds its model's context).
+    long_dir = build_tiny_llama(tmp_path / "tiny-long", smol_dir, context=1024)
+    common = make_settings(run_id, bootstrap, long_dir, suffix="loop")
     topics = Topics.from_settings(common)
     await ensure_topics(bootstrap, topics)
     side_topic = f"{common.topic_prefix}.observer"

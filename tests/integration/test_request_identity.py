@@ -153,7 +153,7 @@ async def test_a_stack_upgraded_in_place_keeps_serving_its_old_tenant_jobs(setti
                                "VALUES ($1, $2, 'completed', 100, 'h')", rid, tenant)
             await conn.execute("INSERT INTO results (request_id, status, text, tenant) "
                                "VALUES ($1, 'completed', $2, $3)", rid, f"text of {rid}", tenant)
-        assert await migrate(settings.postgres_url, schema) == ["0003_job_keys.sql"]
+        assert (await migrate(settings.postgres_url, schema))[0] == "0003_job_keys.sql"
         rekeyed = {(r["request_id"], r["text"]) for r in await conn.fetch("SELECT request_id, text FROM results")}
         assert {(job_key(tenant, rid), f"text of {rid}") for rid, tenant in old_rows} == rekeyed
         upgraded = settings.model_copy(update={"postgres_schema": schema})

@@ -22,18 +22,19 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from inferlog.errors import StoreUnavailable
 from inferlog.hot import CancelFlags, DeltaStream, Leases, LeaseState
 from inferlog.kafka import Outgoing, publish_all
 from inferlog.ledger import RequestLedger
 from inferlog.messages import (
-    DeadLetter,
+    FINISH_STATUS,
     ErrorInfo,
     EventRecord,
     ResultRecord,
     Status,
     TokenizedRecord,
     Usage,
+    dead_letter,
+    ended,
     now,
 )
 from inferlog.topics import Topics
@@ -114,6 +115,7 @@ class GpuWorker:
         self._recent_window_s = recent_window_s
         self._watchdog_s = engine_watchdog_s
         self._max_engine_failures = max_engine_failures
+        self._facts_pending: asyncio.Future[dict[str, tuple[Status | None, int]]] | None = None
         self._quarantine: str | None = None
         """A suspect (a request that was in an engine failure) that has claimed the engine: it runs alone,
         so a second failure is its own and no bystander collects a strike beside it."""
@@ -127,6 +129,9 @@ class GpuWorker:
         """Token deltas and end markers waiting for the next flush to Redis, in order."""
         self.takeovers = 0
         """Requests taken over after another worker's lease expired."""
+        self.revoked_in_preflight = 0
+        """Admitted work (preflight or recording its attempt) whose partition was revoked, cumulative: the
+        window in which a forgetful worker used to generate a request twice."""
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -200,30 +205,34 @@ class GpuWorker:
     async def _abandon_all(self, renewing: asyncio.Task[None]) -> None:
         """The engine failed: publish nothing terminal for the work it held (none of it is the requests'
         fault), record a strike against each request that was in the engine, release the leases so other
-        workers take the work over at once, and commit only what had finished. The caller then exits
-        non-zero, to be restarted."""
+        workers take the work over at once, and commit only what had finished. Bounded in time (the process
+        also has a hard exit armed when the engine failed); the caller then exits non-zero."""
         self._consumer.pause_all()
-        tasks = list(self._watchers) + list(self._generations)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2)
         renewing.cancel()
-        in_engine = sorted(rid for rid, work in self._work.items() if work.state == "running")
-        log.error("engine failed (%s): abandoning %d requests in the engine, %d tracked", self._runner.failure,
-                  len(in_engine), len(self._work))
-        if in_engine and self._side.ledger is not None:
-            try:
-                await asyncio.wait_for(self._side.ledger.record_engine_failure(in_engine), 5)
-            except (StoreUnavailable, TimeoutError) as exc:
-                log.warning("engine failure of %d requests not recorded: %s", len(in_engine), exc)
-        leases = self._side.leases
-        if leases is not None:
-            for request_id, work in list(self._held.items()):
-                if work.state in ("admitted", "running") and work.lease is not None:
-                    await self._best_effort(leases.release(request_id, work.lease))
-            for request_id, value in list(self._done_pending.items()):
-                await self._best_effort(leases.mark_done(request_id, value))
+        for task in self._watchers:
+            task.cancel()
+        try:
+            async with asyncio.timeout(3.0):
+                # Results already being published are not the engine's: let them land (and mark done).
+                publishing = [t for t in self._generations if not t.done()]
+                if publishing:
+                    await asyncio.wait(publishing, timeout=1.0)
+                for task in self._generations:
+                    task.cancel()
+                struck = sorted(self._runner.abandoned)
+                log.error("engine failed (%s): %d requests were in it, %d tracked", self._runner.failure,
+                          len(struck), len(self._work))
+                if struck and self._side.ledger is not None:
+                    await self._side.ledger.record_engine_failure(struck)
+                leases = self._side.leases
+                if leases is not None:
+                    held = {rid: w.lease for rid, w in self._held.items()
+                            if w.state in ("admitted", "running") and w.lease is not None}
+                    await leases.release_many(held)
+                    for request_id, value in list(self._done_pending.items()):
+                        await leases.mark_done(request_id, value)
+        except Exception as exc:  # noqa: BLE001 - best effort on the way out: leases expire, strikes are lost
+            log.warning("engine failure clean-up incomplete: %r", exc)
         self._held.clear()
         await self._consumer.commit()
 
@@ -234,7 +243,10 @@ class GpuWorker:
         while self._runner.failure is None:
             await asyncio.sleep(min(1.0, self._watchdog_s / 4))
             steps, busy = self._runner.steps(), len(self._runner.running_ids())
-            if steps != last_steps or not busy:
+            stopped = self._runner.stopped_reason() if busy else None
+            if stopped is not None:  # crashed without failing its requests (their outputs never came)
+                self._runner.fail(stopped)
+            elif steps != last_steps or not busy:
                 last_steps, last_change = steps, time.monotonic()
             elif time.monotonic() - last_change > self._watchdog_s:
                 self._runner.fail(f"no engine step completed in {self._watchdog_s:.0f}s with {busy} requests "
@@ -254,19 +266,28 @@ class GpuWorker:
         """The fetched requests that were in an engine failure, in one read for the batch, so the quarantine
         knows them before other work fills the engine. Best effort: preflight reads it again anyway."""
         keys = sorted({r.key.decode("utf-8", "replace") for r in fetched if r.key})
-        if not keys or self._side.ledger is None:
+        if not keys or self._side.ledger is None or self._facts_pending is not None:
             return set()
-        try:
-            facts = await self._side.ledger.dispatch_facts(keys)
-        except Exception as exc:  # noqa: BLE001 - only an optimisation; preflight decides
-            log.debug("suspect lookup skipped: %r", exc)
+        # Bounded without cancelling: this runs on the fetch loop, which must never wait on a stalled store
+        # (and cancelling an asyncpg query waits on the server too). One lookup at most is outstanding.
+        lookup = asyncio.ensure_future(self._side.ledger.dispatch_facts(keys))
+        self._facts_pending = lookup
+        lookup.add_done_callback(self._facts_settled)
+        done, _pending = await asyncio.wait({lookup}, timeout=1.0)
+        if not done or lookup.cancelled() or lookup.exception() is not None:
             return set()
+        facts = lookup.result()
         return {key for key, (terminal, failures) in facts.items() if terminal is None and self._is_suspect(failures)}
 
     def _is_suspect(self, engine_failures: int) -> bool:
         """One more engine failure would end it: it runs alone, so it is only ever failed for a failure it
         was proven to cause (it was alone in the engine)."""
         return engine_failures > 0 and engine_failures >= self._max_engine_failures - 1
+
+    def _facts_settled(self, lookup: asyncio.Future[dict[str, tuple[Status | None, int]]]) -> None:
+        self._facts_pending = None
+        if not lookup.cancelled() and lookup.exception() is not None:
+            log.debug("suspect lookup failed: %r", lookup.exception())
 
     async def _triage(self, raw: ConsumerRecord, suspects: set[str] | None = None) -> None:
         tp = TopicPartition(raw.topic, raw.partition)
@@ -275,13 +296,12 @@ class GpuWorker:
         except ValidationError as exc:
             request_id = raw.key.decode("utf-8", "replace") if raw.key else None
             reason = f"invalid tokenized record: {exc.errors()[0].get('msg')}"
-            outgoing: list[Outgoing] = [(self._topics.dlq, request_id, DeadLetter(
-                stage="gpu-worker", error=reason, topic=raw.topic, partition=raw.partition, offset=raw.offset,
-                request_id=request_id, value=(raw.value or b"").decode("utf-8", "replace")))]
+            outgoing: list[Outgoing] = [(self._topics.dlq, request_id, dead_letter(
+                "gpu-worker", reason, topic=raw.topic, partition=raw.partition, offset=raw.offset,
+                request_id=request_id, value=raw.value))]
             if request_id:
-                outgoing.append((self._topics.results, request_id, ResultRecord(
-                    request_id=request_id, status=Status.FAILED, worker_id=self.worker_id,
-                    error=ErrorInfo(message=reason, code="invalid_record"))))
+                outgoing.append((self._topics.results, request_id, ended(
+                    request_id, Status.FAILED, message=reason, code="invalid_record", worker_id=self.worker_id)))
             self._spawn(self._hand_on(outgoing, [(tp, raw.offset)]))
             return
         existing = self._work.get(record.request_id)
@@ -331,19 +351,22 @@ class GpuWorker:
 
     def _terminal(self, record: TokenizedRecord, status: Status, message: str, code: str,
                   at: float) -> ResultRecord:
-        return ResultRecord(
-            request_id=record.request_id, status=status, model=record.model, tenant=record.tenant,
-            worker_id=self.worker_id, error=ErrorInfo(message=message, code=code),
-            timings=record.timings.merged(completed_at=at))
+        return ended(record.request_id, status, message=message, code=code, model=record.model,
+                     tenant=record.tenant, worker_id=self.worker_id, timings=record.timings)
 
     # -- generation ----------------------------------------------------------------------------------------
 
     def _start_admitted(self) -> None:
-        if self._quarantine is not None or any(w.suspect and w.state == "waiting" for w in self._work.values()):
-            # Quarantine: suspects one at a time, nothing else admitted meanwhile (no polling either).
-            if self._quarantine is not None or any(w.suspect and w.state != "waiting" for w in self._work.values()):
+        if self._runner.failure is not None:
+            return
+        holder = self._quarantine
+        if holder is not None or any(w.suspect and w.state == "waiting" for w in self._work.values()):
+            # Quarantine: one suspect at a time, admitted only once the engine is empty, and nothing else
+            # admitted meanwhile (the others keep their places in the queue: no polling).
+            if any(w.state in ("admitted", "running", "publishing") for w in self._work.values()):
                 return
-            suspect = self._admission.admit_first_matching(lambda w: w.suspect)
+            suspect = self._admission.admit_first_matching(
+                lambda w: w.record.request_id == holder if holder is not None else w.suspect)
             admitted = [suspect] if suspect is not None else []
         else:
             admitted = self._admission.admit_ready()
@@ -598,14 +621,12 @@ class GpuWorker:
         record = work.record
         message = (f"The generation engine failed {failures} times while running this request; it is not "
                    "attempted again. Retry it with another request_id if it should run.")
-        result = ResultRecord(
-            request_id=record.request_id, status=Status.FAILED, model=record.model, tenant=record.tenant,
-            worker_id=self.worker_id, finish_reason="error", timings=record.timings.merged(completed_at=now()),
-            error=ErrorInfo(message=message, type="server_error", code="engine_error"))
+        result = ended(record.request_id, Status.FAILED, message=message, code="engine_error",
+                       error_type="server_error", model=record.model, tenant=record.tenant,
+                       worker_id=self.worker_id, finish_reason="error", timings=record.timings)
         tp, offset = work.positions[0] if work.positions else (TopicPartition("", -1), -1)
-        dead = DeadLetter(stage="gpu-worker", error=f"engine_error: {message}", topic=tp.topic,
-                          partition=tp.partition, offset=offset, request_id=record.request_id,
-                          value=record.model_dump_json())
+        dead = dead_letter("gpu-worker", f"engine_error: {message}", topic=tp.topic, partition=tp.partition,
+                           offset=offset, request_id=record.request_id, value=record.model_dump_json())
         return [(self._topics.results, record.request_id, result), (self._topics.dlq, record.request_id, dead)]
 
     def _finish(self, work: _Work) -> None:
@@ -616,10 +637,8 @@ class GpuWorker:
         self._progress.set()
 
     def _cancelled(self, record: TokenizedRecord) -> ResultRecord:
-        at = now()
-        return ResultRecord(request_id=record.request_id, status=Status.CANCELLED, model=record.model,
-                            tenant=record.tenant, worker_id=self.worker_id, finish_reason="cancelled", text="",
-                            timings=record.timings.merged(completed_at=at))
+        return ended(record.request_id, Status.CANCELLED, model=record.model, tenant=record.tenant,
+                     worker_id=self.worker_id, finish_reason="cancelled", text="", timings=record.timings)
 
     def cancel(self, request_id: str) -> None:
         """A cancel arrived: stop it if it runs here (its result says ``cancelled``), mark it if it is
@@ -656,15 +675,14 @@ class GpuWorker:
             model_version=self._runner.version, tenant=record.tenant, worker_id=self.worker_id, timings=timings,
             usage=Usage(prompt_tokens=len(record.input_ids), completion_tokens=len(done.token_ids)),
             finish_reason=done.finish_reason, text=done.text)
+        status = FINISH_STATUS[done.finish_reason]
         if done.finish_reason == "error":
-            return result.model_copy(update={"status": Status.FAILED, "text": None, "error": ErrorInfo(
+            return result.model_copy(update={"status": status, "text": None, "error": ErrorInfo(
                 message=f"generation failed: {done.error}", type="server_error", code="generation_failed")})
-        if done.finish_reason == "cancelled":
-            return result.model_copy(update={"status": Status.CANCELLED})
         if done.finish_reason == "expired":
-            return result.model_copy(update={"status": Status.EXPIRED, "error": ErrorInfo(
+            return result.model_copy(update={"status": status, "error": ErrorInfo(
                 message="The request's deadline passed while it was generating.", code="deadline_exceeded")})
-        return result
+        return result.model_copy(update={"status": status})
 
     async def _hand_on(self, outgoing: list[Outgoing], positions: list[tuple[TopicPartition, int]],
                        finished: str | None = None) -> None:
@@ -709,6 +727,8 @@ class GpuWorker:
         preflight, recording its attempt, generating, publishing) stays tracked until its task ends, so a
         copy re-delivered here joins it; its offsets are the new owner's to commit."""
         for work in list(self._work.values()):
+            if work.state == "admitted" and any(tp in revoked for tp, _off in work.positions):
+                self.revoked_in_preflight += 1
             work.positions = [(tp, off) for tp, off in work.positions if tp not in revoked]
             if work.positions or work.state not in ("waiting", "watching"):
                 continue
@@ -801,6 +821,9 @@ class GpuWorker:
             running=stats.active, admitted=self._admission.running, waiting=self._admission.waiting,
             tokens_in_flight=self._admission.tokens_in_flight, free_kv_blocks=stats.free_kv_blocks,
             total_kv_blocks=stats.total_kv_blocks,
+            watching=sum(1 for w in self._work.values() if w.state == "watching"),
+            in_preflight=sum(1 for w in self._work.values() if w.state == "admitted"),
+            revoked_in_preflight=self.revoked_in_preflight, takeovers=self.takeovers,
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in self._consumer.assignment()))
 
     async def _report_load_forever(self) -> None:

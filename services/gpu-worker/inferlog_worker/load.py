@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from inferlog.hot import Keys
+
 log = logging.getLogger(__name__)
 
 
 def load_key(prefix: str, worker_id: str) -> str:
-    return f"{prefix}:worker:{worker_id}"
+    return Keys(prefix).worker(worker_id)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,14 @@ class LoadSnapshot:
     free_kv_blocks: int
     total_kv_blocks: int
     partitions: list[str]
+    watching: int = 0
+    """Requests another worker's lease holds, watched here (offsets kept uncommitted)."""
+    in_preflight: int = 0
+    """Admitted requests in preflight or recording their attempt (not yet in the engine)."""
+    revoked_in_preflight: int = 0
+    """Cumulative: admitted requests whose partition was revoked before they reached the engine."""
+    takeovers: int = 0
+    """Cumulative: requests taken over after another worker's lease expired."""
 
     def fields(self) -> dict[str, str]:
         return {
@@ -43,6 +53,8 @@ class LoadSnapshot:
             "running": str(self.running), "admitted": str(self.admitted), "waiting": str(self.waiting),
             "tokens_in_flight": str(self.tokens_in_flight), "free_kv_blocks": str(self.free_kv_blocks),
             "total_kv_blocks": str(self.total_kv_blocks), "partitions": json.dumps(self.partitions),
+            "watching": str(self.watching), "in_preflight": str(self.in_preflight),
+            "revoked_in_preflight": str(self.revoked_in_preflight), "takeovers": str(self.takeovers),
             "updated_at": f"{time.time():.3f}",
         }
 

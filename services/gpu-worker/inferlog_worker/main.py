@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 
 from redis.asyncio import Redis
 
@@ -82,6 +83,7 @@ async def serve(settings: WorkerSettings) -> str | None:
     common = settings.common
     await ensure_topics(common.kafka_bootstrap, Topics.from_settings(common), create=False)
     runner = build_runner(settings)
+    runner.on_failure = _arm_hard_exit
     check_kv_capacity(settings, runner.model.context_length())
     await asyncio.to_thread(runner.load)
     await warm_up(runner)
@@ -105,11 +107,26 @@ async def serve(settings: WorkerSettings) -> str | None:
 ENGINE_FAILED_EXIT = 3
 """The worker's exit status when its engine failed: restart it (the supervisor does); its work was left
 uncommitted and its leases released, so other workers take it over."""
+HARD_EXIT_AFTER_S = 4.0
+"""Once the engine failed, the process ends within this long whatever its clean-up is waiting on."""
+
+
+def _arm_hard_exit(reason: str) -> None:
+    def hard_exit() -> None:
+        log.error("exiting with status %d: the engine failed (%s); clean-up cut short", ENGINE_FAILED_EXIT, reason)
+        logging.shutdown()
+        os._exit(ENGINE_FAILED_EXIT)
+
+    timer = threading.Timer(HARD_EXIT_AFTER_S, hard_exit)
+    timer.daemon = True
+    timer.start()
 
 
 def run(settings: WorkerSettings | None = None) -> None:
     failure = asyncio.run(serve(settings or WorkerSettings()))
+    code = 0
     if failure is not None:
-        log.error("exiting with status %d: the engine failed (%s)", ENGINE_FAILED_EXIT, failure)
-        logging.shutdown()
-        os._exit(ENGINE_FAILED_EXIT)  # not sys.exit: a hung engine thread would keep the process alive
+        code = ENGINE_FAILED_EXIT
+        log.error("exiting with status %d: the engine failed (%s)", code, failure)
+    logging.shutdown()
+    os._exit(code)  # not sys.exit: an engine thread that never stopped would keep the process alive

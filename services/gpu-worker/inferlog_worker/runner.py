@@ -95,6 +95,10 @@ class ModelRunner:
         self._test_hooks = test_hooks
         self.failure: str | None = None
         """Why the engine failed (set once); every live request's future then raises EngineFailed."""
+        self.abandoned: set[str] = set()
+        """The requests that were in the engine when it failed."""
+        self.on_failure: Callable[[str], None] | None = None
+        """Called once, on the loop, when the engine fails (the worker's main arms its hard exit)."""
         self.vocab_size = 0
         self.context_length = 0
 
@@ -159,10 +163,14 @@ class ModelRunner:
         kwargs: dict[str, Any] = {}
         if self.sampling:
             kwargs = dict(temperature=job.temperature or GREEDY_TEMPERATURE, top_p=job.top_p)
-        self._manager.register_result_handler(job.request_id, lambda output: self._on_output(live, output))
-        accepted = self._manager.add_request(
-            job.input_ids, request_id=job.request_id, max_new_tokens=job.max_tokens, streaming=True,
-            eos_token_id=-1 if job.ignore_eos else self._eos, **kwargs)
+        try:
+            self._manager.register_result_handler(job.request_id, lambda output: self._on_output(live, output))
+            accepted = self._manager.add_request(
+                job.input_ids, request_id=job.request_id, max_new_tokens=job.max_tokens, streaming=True,
+                eos_token_id=-1 if job.ignore_eos else self._eos, **kwargs)
+        except BaseException:
+            self._live.pop(job.request_id, None)  # never left behind: the watchdog counts live requests
+            raise
         if accepted is None:  # the manager is stopping or has failed: the engine's fault, not the request's
             self._unregister(job.request_id)
             self._live.pop(job.request_id, None)
@@ -174,13 +182,21 @@ class ModelRunner:
     def fail(self, reason: str) -> None:
         """The engine failed (or the watchdog says it hangs): every live request's future raises
         EngineFailed, and so will every later submit."""
-        if self.failure is None:
+        first = self.failure is None
+        if first:
             self.failure = reason
             log.error("engine failed: %s", reason)
         live, self._live = list(self._live.values()), {}
         for item in live:
             if not item.future.done():
+                self.abandoned.add(item.job.request_id)
                 item.future.set_exception(EngineFailed(reason))
+        if first and self.on_failure is not None:
+            self.on_failure(reason)
+
+    def stopped_reason(self) -> str | None:
+        """Why the engine no longer generates, or None while it runs."""
+        return cb_shim.stopped_reason(self._manager) if self._manager is not None else None
 
     def steps(self) -> int:
         """Generation steps completed so far (the watchdog's heartbeat)."""

@@ -54,7 +54,7 @@ class WorkerSettings(BaseSettings):
     """No engine step completed for this long while requests are in the engine: the engine hangs, and the
     worker exits (non-zero) for a restart. A step, not a token: a long prefill yields none. Keep it well
     above one loaded step (seconds on two CPU cores)."""
-    max_engine_failures: int = Field(default=2, ge=1)
+    max_engine_failures: int = Field(default=2, ge=2)
     """A request that was in this many engine failures ends ``failed`` (``engine_error``) with a dead
     letter, so one poison request cannot crash-loop the fleet."""
     test_hooks: str | None = None

@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from inferlog.hot import Leases, StatusCache
 from inferlog.kafka import publish_all
 from inferlog.ledger import RequestLedger
-from inferlog.messages import DeadLetter, EventRecord, ResultRecord
+from inferlog.messages import DeadLetter, EventRecord, ResultRecord, dead_letter
 from inferlog.topics import Topics
 from inferlog_store.sink import ResultSink
 
@@ -40,12 +40,10 @@ class StoreHandler:
                 else:
                     events.append(EventRecord.model_validate_json(record.value or b""))
             except ValidationError as exc:
-                dead.append(DeadLetter(
-                    stage="result-store", error=str(exc.errors()[0].get("msg")), topic=record.topic,
+                dead.append(dead_letter(
+                    "result-store", str(exc.errors()[0].get("msg")), topic=record.topic,
                     partition=record.partition, offset=record.offset,
-                    request_id=record.key.decode("utf-8", "replace") if record.key else None,
-                    value=(record.value or b"").decode("utf-8", "replace"),
-                ))
+                    request_id=record.key.decode("utf-8", "replace") if record.key else None, value=record.value))
         if dead:  # a record that can never be applied is set aside before anything is committed past it
             await publish_all(self._producer, [(self._topics.dlq, d.request_id, d) for d in dead])
             for d in dead:

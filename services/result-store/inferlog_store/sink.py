@@ -15,17 +15,17 @@ import asyncpg
 
 from inferlog.db import TRANSIENT_ERRORS
 from inferlog.errors import StoreUnavailable
-from inferlog.messages import EventRecord, ResultRecord
+from inferlog.messages import TERMINAL_RANK, EventRecord, ResultRecord
 
 _TRANSIENT = TRANSIENT_ERRORS
 
-_ADVANCE_STATUS = """
+_ADVANCE_STATUS = f"""
 INSERT INTO requests (request_id, status, status_rank, model, tenant, timings)
 VALUES ($1, $2, $3, $4, $5, $6::jsonb)
 ON CONFLICT (request_id) DO UPDATE SET
     status      = CASE WHEN requests.status_rank < EXCLUDED.status_rank THEN EXCLUDED.status
                        ELSE requests.status END,
-    timings     = CASE WHEN requests.status_rank < 100 THEN requests.timings || EXCLUDED.timings
+    timings     = CASE WHEN requests.status_rank < {TERMINAL_RANK} THEN requests.timings || EXCLUDED.timings
                        ELSE requests.timings END,
     status_rank = GREATEST(requests.status_rank, EXCLUDED.status_rank),
     updated_at  = now()

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from inferlog.errors import IdempotencyConflict
 from inferlog.kafka import Outgoing, publish_all
 from inferlog.ledger import RequestLedger, key_of
-from inferlog.messages import DeadLetter, EventRecord, RequestRecord, ResultRecord, Status, now
+from inferlog.messages import EventRecord, RequestRecord, Status, dead_letter, ended
 from inferlog.topics import Topics
 from inferlog_tokenizer.prep import Prepared, RawRecord, RequestPreparer
 
@@ -61,18 +61,16 @@ class TokenizeHandler:
         for (raw, record), outcome in zip(parsed, outcomes, strict=True):
             key = key_of(record)
             if isinstance(outcome, IdempotencyConflict):
-                prepared.dead.append(DeadLetter(
-                    stage="tokenizer", error=f"conflict: {outcome.message}", topic=raw.topic,
-                    partition=raw.partition, offset=raw.offset, request_id=key,
-                    value=(raw.value or b"").decode("utf-8", "replace")))
+                prepared.dead.append(dead_letter(
+                    "tokenizer", f"conflict: {outcome.message}", topic=raw.topic, partition=raw.partition,
+                    offset=raw.offset, request_id=key, value=raw.value))
             elif key in seen:
                 continue  # the same job twice in one batch: once is enough
             elif outcome.cancel_requested:
                 seen.add(key)
-                prepared.results.append(ResultRecord(
-                    request_id=key, status=Status.CANCELLED, model=record.model,
-                    tenant=record.tenant, finish_reason="cancelled", text="",
-                    timings=record.timings.merged(completed_at=now())))
+                prepared.results.append(ended(
+                    key, Status.CANCELLED, model=record.model, tenant=record.tenant, finish_reason="cancelled",
+                    text="", timings=record.timings))
             else:
                 seen.add(key)
                 ours.append((raw, record))

@@ -15,11 +15,12 @@ from inferlog.ledger import key_of
 from inferlog.messages import (
     SEED_REFUSAL,
     DeadLetter,
-    ErrorInfo,
     RequestRecord,
     ResultRecord,
     Status,
     TokenizedRecord,
+    dead_letter,
+    ended,
     now,
 )
 from inferlog.models import ModelRegistry
@@ -103,10 +104,8 @@ class RequestPreparer:
             reason = _describe(exc)
             out.dead.append(_dead(raw, reason, request_id))
             if request_id is not None:  # (a job key: the caller publishes it only if it is nobody's job)
-                out.results.append(ResultRecord(
-                    request_id=request_id, status=Status.FAILED,
-                    error=ErrorInfo(message=f"The request record is invalid: {reason}", code="invalid_record"),
-                ))
+                out.results.append(ended(request_id, Status.FAILED, code="invalid_record",
+                                         message=f"The request record is invalid: {reason}"))
             return None
 
     def _check_params(self, record: RequestRecord) -> None:
@@ -172,23 +171,15 @@ def _describe(exc: Exception) -> str:
 
 
 def _terminal(record: RequestRecord, status: Status, message: str, *, code: str, at: float) -> ResultRecord:
-    return ResultRecord(
-        request_id=key_of(record), status=status, model=record.model, tenant=record.tenant,
-        error=ErrorInfo(message=message, code=code, type="invalid_request_error"),
-        timings=record.timings.merged(completed_at=at),
-    )
+    return ended(key_of(record), status, message=message, code=code, model=record.model, tenant=record.tenant,
+                 timings=record.timings)
 
 
 def _failed(record: RequestRecord, exc: InvalidRequest, at: float) -> ResultRecord:
-    return ResultRecord(
-        request_id=key_of(record), status=Status.FAILED, model=record.model, tenant=record.tenant,
-        error=ErrorInfo(message=exc.message, code=exc.code, param=exc.param), finish_reason="error",
-        timings=record.timings.merged(completed_at=at),
-    )
+    return ended(key_of(record), Status.FAILED, message=exc.message, code=exc.code, param=exc.param,
+                 model=record.model, tenant=record.tenant, finish_reason="error", timings=record.timings)
 
 
 def _dead(raw: RawRecord, reason: str, request_id: str | None) -> DeadLetter:
-    return DeadLetter(
-        stage="tokenizer", error=reason, topic=raw.topic, partition=raw.partition, offset=raw.offset,
-        request_id=request_id, value=(raw.value or b"").decode("utf-8", "replace"),
-    )
+    return dead_letter("tokenizer", reason, topic=raw.topic, partition=raw.partition, offset=raw.offset,
+                       request_id=request_id, value=raw.value)
