@@ -4,6 +4,7 @@
     ├── ConfigError            a setting or the environment is wrong: fail at boot, say what to change
     ├── RetryableError         transient: wait and try again, commit nothing meanwhile
     │   ├── StoreUnavailable   Postgres or Redis did not answer
+    │   │   └── SideChannelUnavailable  Redis (leases, cancel flags, deltas, load) did not answer
     │   └── BrokerUnavailable  the broker did not acknowledge in time
     └── InvalidRequest         the input can never succeed: 4xx at the gateway, a failed result on a topic
         ├── UnknownModel       404
@@ -31,6 +32,11 @@ class RetryableError(InferlogError):
 
 class StoreUnavailable(RetryableError):
     """Postgres or Redis did not answer."""
+
+
+class SideChannelUnavailable(StoreUnavailable):
+    """Redis did not answer: a side channel (leases, cancel flags, deltas, load) is unknown for now. Redis
+    is AP: callers fall back (the terminal check, polling), and never read this as an absence."""
 
 
 class BrokerUnavailable(RetryableError):

@@ -17,12 +17,13 @@ fallback. Nothing here is the source of truth.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import uuid
 from typing import Any
 
 from redis.asyncio import Redis
+
+from inferlog.leasing import LeaseState, Renewal
 
 STATUS_TTL_S = 3600
 """Terminal views stay hot for an hour; Postgres has them forever."""
@@ -147,17 +148,6 @@ class DeltaStream:
                 for entry_id, fields in entries]
 
 
-class LeaseState(enum.Enum):
-    """What a lease key says about its request."""
-
-    FREE = "free"
-    """No lease: nobody is generating it (or its holder stopped renewing)."""
-    LIVE = "live"
-    """A worker is generating it now and renewing the lease."""
-    DONE = "done"
-    """A worker's result is on the results log; the lease stays until the result-store has recorded it."""
-
-
 class Leases:
     """Generation leases: one worker generates a request while its lease lives (contract 4).
 
@@ -185,7 +175,7 @@ return 0
     _FORGET_DONE = "local v = redis.call('get', KEYS[1]) " \
                    "if v and string.sub(v, 1, 5) == 'done:' then return redis.call('del', KEYS[1]) end return 0"
 
-    RENEWED, RETAKEN, LOST = 1, 2, 0
+    RENEWED, RETAKEN, LOST = Renewal.RENEWED, Renewal.RETAKEN, Renewal.LOST
 
     def __init__(self, redis: Redis, keys: Keys, holder: str, ttl_ms: int, done_ttl_ms: int = 3_600_000) -> None:
         self._redis = redis

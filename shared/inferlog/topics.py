@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
 from inferlog.config import InferlogSettings
 from inferlog.errors import ConfigError
 from inferlog.messages import Priority
@@ -74,6 +72,8 @@ class Topics:
 
 async def group_is_consuming(bootstrap: str, group: str) -> bool:
     """Whether ``group`` has settled (Stable) with at least one member: its consumers are fetching."""
+    from aiokafka.admin import AIOKafkaAdminClient  # here, so topic names alone import no client
+
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
     await admin.start()
     try:
@@ -90,6 +90,8 @@ async def ensure_topics(bootstrap: str, topics: Topics, *, create: bool = True) 
     Raises ConfigError when a topic is missing (and ``create`` is False) or has another partition count,
     naming the topic, so a service refuses to start on a mis-wired broker.
     """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     await admin.start()
     try:

@@ -7,11 +7,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from aiokafka import TopicPartition
-
 from inferlog.messages import TokenizedRecord
 from inferlog_worker.admission import Capacity, KvAdmission
-from inferlog_worker.engine import GpuWorker, _Work
+from inferlog_worker.dispatch import GpuWorker, _Work
 
 
 def _record(request_id: str) -> TokenizedRecord:
@@ -22,7 +20,7 @@ def _record(request_id: str) -> TokenizedRecord:
 def _worker() -> tuple[GpuWorker, KvAdmission[_Work], list[str]]:
     admission: KvAdmission[_Work] = KvAdmission(Capacity(10_000, 8))
     runner: Any = SimpleNamespace(failure=None)
-    worker = GpuWorker(worker_id="w", runner=runner, consumer=None, producer=None, topics=None,  # type: ignore[arg-type]
+    worker = GpuWorker(worker_id="w", runner=runner, consumer=None, publisher=None, topics=None,  # type: ignore[arg-type]
                        admission=admission, max_engine_failures=2)
     started: list[str] = []
 
@@ -36,7 +34,7 @@ def _worker() -> tuple[GpuWorker, KvAdmission[_Work], list[str]]:
 
 def _track(worker: GpuWorker, admission: KvAdmission[_Work], request_id: str, *, suspect: bool = False,
            state: str = "waiting") -> _Work:
-    work = _Work(_record(request_id), [(TopicPartition("t", 0), len(worker._work))], suspect=suspect)
+    work = _Work(_record(request_id), [(("t", 0), len(worker._work))], suspect=suspect)
     work.state = state  # type: ignore[assignment]
     worker._work[request_id] = work
     if state == "waiting":
@@ -89,6 +87,6 @@ def test_one_strike_short_of_k_is_a_suspect() -> None:
     worker, _admission, _started = _worker()
     assert not worker._is_suspect(0)
     assert worker._is_suspect(1)  # K = 2
-    three = GpuWorker(worker_id="w", runner=SimpleNamespace(failure=None), consumer=None, producer=None,  # type: ignore[arg-type]
+    three = GpuWorker(worker_id="w", runner=SimpleNamespace(failure=None), consumer=None, publisher=None,  # type: ignore[arg-type]
                       topics=None, admission=KvAdmission(Capacity(1, 1)), max_engine_failures=3)  # type: ignore[arg-type]
     assert not three._is_suspect(1) and three._is_suspect(2)

@@ -12,25 +12,23 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition
-from redis.exceptions import ConnectionError as RedisConnectionError
 
-from inferlog.errors import StoreUnavailable
-from inferlog.hot import Leases, LeaseState
+from inferlog.errors import SideChannelUnavailable, StoreUnavailable
+from inferlog.leasing import LeaseState, Renewal
 from inferlog.messages import EventRecord, GenerationParams, ResultRecord, Status, TokenizedRecord
 from inferlog.topics import Topics
 from inferlog_worker.admission import Capacity, KvAdmission
-from inferlog_worker.engine import GpuWorker, SideChannels
+from inferlog_worker.dispatch import GpuWorker, SideChannels
 from inferlog_worker.runner import EngineFailed, GenerationDone, GenerationJob
 
-TP = TopicPartition("p.tokenized.interactive.v1", 0)
+TP = ("p.tokenized.interactive.v1", 0)
 TOPICS = Topics("p", 4)
 
 
 def _raw(request_id: str, offset: int) -> Any:
     record = TokenizedRecord(request_id=request_id, model="m", input_ids=[1, 2, 3],
                              params=GenerationParams(max_tokens=8))
-    return SimpleNamespace(topic=TP.topic, partition=TP.partition, offset=offset, key=request_id.encode(),
+    return SimpleNamespace(topic=TP[0], partition=TP[1], offset=offset, key=request_id.encode(),
                            value=record.model_dump_json().encode())
 
 
@@ -38,10 +36,10 @@ class FakeConsumer:
     def __init__(self) -> None:
         self.finished: list[int] = []
 
-    def finish(self, tp: TopicPartition, offset: int) -> None:
+    def finish(self, tp: tuple[str, int], offset: int) -> None:
         self.finished.append(offset)
 
-    def assignment(self) -> set[TopicPartition]:
+    def assignment(self) -> set[tuple[str, int]]:
         return {TP}
 
 
@@ -115,7 +113,7 @@ class FakeLeases:
 
     def _check(self) -> None:
         if self.down:
-            raise RedisConnectionError("redis down")
+            raise SideChannelUnavailable("redis down")
 
     def new_value(self) -> str:
         self.n += 1
@@ -142,9 +140,9 @@ class FakeLeases:
             current = self.store.get(request_id)
             if current is None:
                 self.store[request_id] = value
-                out[request_id] = Leases.RETAKEN
+                out[request_id] = Renewal.RETAKEN
             else:
-                out[request_id] = Leases.RENEWED if current == value else Leases.LOST
+                out[request_id] = Renewal.RENEWED if current == value else Renewal.LOST
         return out
 
     async def mark_done(self, request_id: str, value: str) -> bool:
@@ -190,7 +188,7 @@ async def settle(rounds: int = 20) -> None:
 def rig(lease_store: dict[str, str] | None = None, holder: str = "w1") -> Rig:
     runner, consumer, ledger = FakeRunner(), FakeConsumer(), FakeLedger()
     leases = FakeLeases(holder, lease_store if lease_store is not None else {})
-    worker = GpuWorker(worker_id=holder, runner=runner, consumer=consumer, producer=None, topics=TOPICS,  # type: ignore[arg-type]
+    worker = GpuWorker(worker_id=holder, runner=runner, consumer=consumer, publisher=None, topics=TOPICS,  # type: ignore[arg-type]
                        admission=KvAdmission(Capacity(10_000, 8)), watch_interval_s=0.001,
                        side=SideChannels(ledger=ledger, leases=leases))  # type: ignore[arg-type]
     published: list[tuple[str, str, Any]] = []
@@ -265,7 +263,7 @@ async def test_a_lease_lost_mid_generation_cancels_it_and_publishes_nothing() ->
     store["a"] = "w2/9"  # another attempt holds it now (ours lapsed during an outage and was taken)
     held = {rid: w.lease for rid, w in r.worker._held.items() if w.lease}
     for rid, verdict in (await r.leases.renew_many(held)).items():  # what the renewal loop does
-        if verdict == Leases.LOST:
+        if verdict == Renewal.LOST:
             r.worker._lose(rid, held[rid])
     await settle()
     assert "a" not in r.runner.live and r.results("a") == []

@@ -19,10 +19,11 @@ from inferlog.runtime import stop_on_signals
 from inferlog.topics import Topics, ensure_topics
 from inferlog_worker.admission import Capacity, KvAdmission
 from inferlog_worker.consumer import TierConsumer
-from inferlog_worker.engine import GpuWorker, SideChannels
+from inferlog_worker.dispatch import GpuWorker, SideChannels
 from inferlog_worker.load import LoadReporter
 from inferlog_worker.runner import GenerationJob, ModelRunner
 from inferlog_worker.settings import WorkerSettings
+from inferlog_worker.shell import KafkaPublisher, RedisPort, listen_for_cancels
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,17 @@ def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | N
     topics = Topics.from_settings(common)
     keys = Keys(common.redis_prefix)
     side = SideChannels(ledger=ledger)
-    if redis is not None:
-        side = SideChannels(ledger=ledger, leases=Leases(redis, keys, settings.worker_id, settings.lease_ttl_ms),
-                            cancels=CancelFlags(redis, keys), deltas=DeltaStream(redis, keys), redis=redis,
-                            cancel_channel=keys.cancels)
+    if redis is not None:  # each Redis channel behind the shell's adapter: its errors become SideChannelUnavailable
+        side = SideChannels(
+            ledger=ledger, leases=RedisPort(Leases(redis, keys, settings.worker_id, settings.lease_ttl_ms)),
+            cancels=RedisPort(CancelFlags(redis, keys)), deltas=RedisPort(DeltaStream(redis, keys)))
     consumer = make_consumer(
         common.kafka_bootstrap, settings.group_id or topics.group("gpu-workers"), session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms, max_poll_records=settings.max_running)
     tier = TierConsumer(consumer, [topics.tokenized_interactive, topics.tokenized_batch])
     worker = GpuWorker(
         worker_id=settings.worker_id, runner=runner, consumer=tier,
-        producer=make_producer(common.kafka_bootstrap), topics=topics,
+        publisher=KafkaPublisher(make_producer(common.kafka_bootstrap)), topics=topics,
         admission=KvAdmission(Capacity(settings.num_blocks * settings.page_size, settings.max_running)),
         load=LoadReporter(redis, common.redis_prefix, settings.load_ttl_s) if redis is not None else None,
         load_interval_s=settings.load_interval_s, shutdown_grace_s=settings.shutdown_grace_s, side=side,
@@ -93,9 +94,11 @@ async def serve(settings: WorkerSettings) -> str | None:
     stop = stop_on_signals()
     await worker.start()
     log.info("worker %s ready", settings.worker_id)
+    cancels = asyncio.create_task(listen_for_cancels(redis, Keys(common.redis_prefix).cancels, worker.cancel))
     try:
         await worker.run(stop)
     finally:
+        cancels.cancel()
         await worker.close()
         await redis.aclose()
         await pool.close()

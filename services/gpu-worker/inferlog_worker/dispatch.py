@@ -1,5 +1,10 @@
-"""GpuWorker: the worker's loop. Fetch what admission has room for, start it on the runner, publish each
-result, and commit past it only once the broker has acknowledged that result.
+"""GpuWorker: the worker's dispatch core. Fetch what admission has room for, start it on the runner, publish
+each result, and commit past it only once the broker has acknowledged that result.
+
+It is transport-free: it talks to the log, the publisher, the ledger, the leases, the cancel flags, the
+delta stream, the load report and the engine through the small protocols of ``inferlog_worker.ports``,
+and imports none of aiokafka, redis, asyncpg, torch or transformers (a test checks). The Kafka/Redis
+shell (``inferlog_worker.shell``, wired in ``main``) adapts the real ones; the tests use fakes.
 
     fetch (TierConsumer) → triage → KvAdmission → ModelRunner → results topic (acked) → finish → commit
 
@@ -16,15 +21,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 from pydantic import ValidationError
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from inferlog.hot import CancelFlags, DeltaStream, Leases, LeaseState
-from inferlog.kafka import Outgoing, publish_all
-from inferlog.ledger import RequestLedger
+from inferlog.errors import SideChannelUnavailable
+from inferlog.leasing import LeaseState, Renewal
 from inferlog.messages import (
     FINISH_STATUS,
     ErrorInfo,
@@ -39,8 +39,19 @@ from inferlog.messages import (
 )
 from inferlog.topics import Topics
 from inferlog_worker.admission import KvAdmission
-from inferlog_worker.consumer import TierConsumer
-from inferlog_worker.load import LoadReporter, LoadSnapshot
+from inferlog_worker.ports import (
+    CancelPort,
+    DeltaPort,
+    FetchedRecord,
+    LeasePort,
+    LedgerPort,
+    LoadPort,
+    LoadSnapshot,
+    LogPort,
+    Outgoing,
+    Position,
+    Publisher,
+)
 from inferlog_worker.runner import EngineFailed, GenerationDone, GenerationJob, ModelRunner
 
 log = logging.getLogger(__name__)
@@ -54,7 +65,7 @@ publishing: its result is being handed on · watching: another worker's lease ho
 @dataclass
 class _Work:
     record: TokenizedRecord
-    positions: list[tuple[TopicPartition, int]] = field(default_factory=list)
+    positions: list[tuple[Position, int]] = field(default_factory=list)
     """Every fetched copy of this request (a re-delivery while it runs joins the running one)."""
     state: WorkState = "waiting"
     lease: str | None = None
@@ -74,27 +85,24 @@ class SideChannels:
     """The worker's state channels (DESIGN.md). Each is optional: a worker without them still generates,
     commits and publishes results; it only loses the guard, the signal or the stream that one gives."""
 
-    ledger: RequestLedger | None = None
+    ledger: LedgerPort | None = None
     """Terminal-result check before generating (and while watching another worker's lease)."""
-    leases: Leases | None = None
-    cancels: CancelFlags | None = None
-    deltas: DeltaStream | None = None
-    redis: Redis | None = None
-    """For the cancel notifications (pub/sub)."""
-    cancel_channel: str = ""
+    leases: LeasePort | None = None
+    cancels: CancelPort | None = None
+    deltas: DeltaPort | None = None
 
 
 class GpuWorker:
-    def __init__(self, *, worker_id: str, runner: ModelRunner, consumer: TierConsumer,
-                 producer: AIOKafkaProducer, topics: Topics, admission: KvAdmission[_Work],
-                 load: LoadReporter | None = None, load_interval_s: float = 1.0,
+    def __init__(self, *, worker_id: str, runner: ModelRunner, consumer: LogPort,
+                 publisher: Publisher, topics: Topics, admission: KvAdmission[_Work],
+                 load: LoadPort | None = None, load_interval_s: float = 1.0,
                  shutdown_grace_s: float = 30.0, side: SideChannels | None = None,
                  watch_interval_s: float = 1.0, recent_window_s: float = 300.0,
                  engine_watchdog_s: float = 120.0, max_engine_failures: int = 2) -> None:
         self.worker_id = worker_id
         self._runner = runner
         self._consumer = consumer
-        self._producer = producer
+        self._publisher = publisher
         self._topics = topics
         self._admission = admission
         self._load = load
@@ -136,18 +144,17 @@ class GpuWorker:
     # -- the loop ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._producer.start()
+        await self._publisher.start()
         await self._consumer.start()
 
     async def close(self) -> None:
         await self._consumer.stop()
-        await self._producer.stop()
+        await self._publisher.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         renewing = asyncio.create_task(self._renew_leases_forever())
         background = [renewing] + [asyncio.create_task(c) for c in (
-            self._report_load_forever(), self._flush_deltas_forever(), self._listen_for_cancels(),
-            self._watch_engine_forever())]
+            self._report_load_forever(), self._flush_deltas_forever(), self._watch_engine_forever())]
         try:
             while not stop.is_set() and self._runner.failure is None:
                 if self._admission.has_room():
@@ -262,7 +269,7 @@ class GpuWorker:
 
     # -- triage: what to do with a fetched record ----------------------------------------------------------
 
-    async def _suspects_among(self, fetched: list[ConsumerRecord]) -> set[str]:
+    async def _suspects_among(self, fetched: list[FetchedRecord]) -> set[str]:
         """The fetched requests that were in an engine failure, in one read for the batch, so the quarantine
         knows them before other work fills the engine. Best effort: preflight reads it again anyway."""
         keys = sorted({r.key.decode("utf-8", "replace") for r in fetched if r.key})
@@ -289,8 +296,8 @@ class GpuWorker:
         if not lookup.cancelled() and lookup.exception() is not None:
             log.debug("suspect lookup failed: %r", lookup.exception())
 
-    async def _triage(self, raw: ConsumerRecord, suspects: set[str] | None = None) -> None:
-        tp = TopicPartition(raw.topic, raw.partition)
+    async def _triage(self, raw: FetchedRecord, suspects: set[str] | None = None) -> None:
+        tp: Position = (raw.topic, raw.partition)
         try:
             record = TokenizedRecord.model_validate_json(raw.value or b"")
         except ValidationError as exc:
@@ -460,7 +467,7 @@ class GpuWorker:
             return
         try:
             await self._side.leases.mark_done(request_id, value)
-        except (RedisError, OSError) as exc:
+        except SideChannelUnavailable as exc:
             log.warning("lease of %s not yet marked done (%s): retrying", request_id, exc)
             self._done_pending[request_id] = value
 
@@ -564,7 +571,7 @@ class GpuWorker:
                 if not await side.leases.acquire(request_id, value):
                     log.info("watching %s: another attempt's lease holds it", request_id)
                     return "watch"
-            except (RedisError, OSError) as exc:
+            except SideChannelUnavailable as exc:
                 # Redis down (AP): run on the terminal check alone; the renewal loop takes the lease as soon
                 # as Redis answers, and if another worker took it meanwhile this attempt is abandoned.
                 log.warning("lease for %s not taken (%s): running on the terminal check alone", request_id, exc)
@@ -624,8 +631,8 @@ class GpuWorker:
         result = ended(record.request_id, Status.FAILED, message=message, code="engine_error",
                        error_type="server_error", model=record.model, tenant=record.tenant,
                        worker_id=self.worker_id, finish_reason="error", timings=record.timings)
-        tp, offset = work.positions[0] if work.positions else (TopicPartition("", -1), -1)
-        dead = dead_letter("gpu-worker", f"engine_error: {message}", topic=tp.topic, partition=tp.partition,
+        (topic, partition), offset = work.positions[0] if work.positions else (("", -1), -1)
+        dead = dead_letter("gpu-worker", f"engine_error: {message}", topic=topic, partition=partition,
                            offset=offset, request_id=record.request_id, value=record.model_dump_json())
         return [(self._topics.results, record.request_id, result), (self._topics.dlq, record.request_id, dead)]
 
@@ -663,7 +670,7 @@ class GpuWorker:
             return None
         try:
             return await call
-        except (RedisError, OSError) as exc:
+        except SideChannelUnavailable as exc:
             log.warning("redis side channel unavailable: %s", exc)
             return None
 
@@ -684,7 +691,7 @@ class GpuWorker:
                 message="The request's deadline passed while it was generating.", code="deadline_exceeded")})
         return result.model_copy(update={"status": status})
 
-    async def _hand_on(self, outgoing: list[Outgoing], positions: list[tuple[TopicPartition, int]],
+    async def _hand_on(self, outgoing: list[Outgoing], positions: list[tuple[Position, int]],
                        finished: str | None = None) -> None:
         """Publish, and once acknowledged mark the records finished so the commit can pass them.
         ``finished``: the request whose terminal result this is (a copy re-delivered later is skipped)."""
@@ -696,16 +703,8 @@ class GpuWorker:
         self._progress.set()
 
     async def _publish(self, outgoing: list[Outgoing]) -> None:
-        """Publish until acknowledged; a broker outage is waited out (the offsets wait with it)."""
-        delay = 0.2
-        while True:
-            try:
-                await publish_all(self._producer, outgoing)
-                return
-            except (KafkaError, OSError) as exc:
-                log.warning("publish failed, retrying in %.1fs: %r", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        """Publish until acknowledged (the publisher waits a broker outage out; the offsets wait with it)."""
+        await self._publisher(outgoing)
 
     def _spawn(self, coro, group: set[asyncio.Task[None]] | None = None) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.create_task(coro)
@@ -721,7 +720,7 @@ class GpuWorker:
         if not task.cancelled() and task.exception() is not None:
             log.error("worker task failed", exc_info=task.exception())
 
-    def drop_revoked(self, revoked: set[TopicPartition]) -> None:
+    def drop_revoked(self, revoked: set[Position]) -> None:
         """Partitions were revoked: work from them that has not started here (waiting for KV room, or
         watching another worker's lease) is no longer ours; the new owner re-reads it. Admitted work (in
         preflight, recording its attempt, generating, publishing) stays tracked until its task ends, so a
@@ -762,20 +761,20 @@ class GpuWorker:
             held = {request_id: work.lease for request_id, work in self._held.items() if work.lease is not None}
             try:
                 outcome = await leases.renew_many(held)
-            except (RedisError, OSError) as exc:
+            except SideChannelUnavailable as exc:
                 log.warning("leases not renewed (%s): still generating, will re-take them", exc)
                 continue
             for request_id, verdict in outcome.items():
-                if verdict == Leases.RETAKEN:
+                if verdict == Renewal.RETAKEN:
                     log.warning("lease of %s had lapsed and was re-taken", request_id)
-                elif verdict == Leases.LOST:
+                elif verdict == Renewal.LOST:
                     self._lose(request_id, held[request_id])
 
-    async def _mark_pending_done(self, leases: Leases) -> None:
+    async def _mark_pending_done(self, leases: LeasePort) -> None:
         for request_id, value in list(self._done_pending.items()):
             try:
                 await leases.mark_done(request_id, value)
-            except (RedisError, OSError):
+            except SideChannelUnavailable:
                 return
             self._done_pending.pop(request_id, None)
 
@@ -790,28 +789,6 @@ class GpuWorker:
         if work.state == "running":
             self._runner.cancel(request_id, "cancelled")
 
-    async def _listen_for_cancels(self) -> None:
-        """Cancel notifications for running work; on a Redis outage, reconnect with backoff (the flags
-        checked before each generation still catch a cancel made meanwhile)."""
-        if self._side.redis is None:
-            return
-        delay = 0.5
-        while True:
-            pubsub = self._side.redis.pubsub()
-            try:
-                await pubsub.subscribe(self._side.cancel_channel)
-                delay = 0.5
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        data = message["data"]
-                        self.cancel(data.decode() if isinstance(data, bytes) else str(data))
-            except (RedisError, OSError) as exc:
-                log.warning("cancel channel lost (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-            finally:
-                await self._best_effort(pubsub.aclose())
-
     # -- load ----------------------------------------------------------------------------------------------
 
     def snapshot(self) -> LoadSnapshot:
@@ -824,7 +801,7 @@ class GpuWorker:
             watching=sum(1 for w in self._work.values() if w.state == "watching"),
             in_preflight=sum(1 for w in self._work.values() if w.state == "admitted"),
             revoked_in_preflight=self.revoked_in_preflight, takeovers=self.takeovers,
-            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in self._consumer.assignment()))
+            partitions=sorted(f"{topic}:{partition}" for topic, partition in self._consumer.assignment()))
 
     async def _report_load_forever(self) -> None:
         if self._load is None:
