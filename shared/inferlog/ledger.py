@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,16 @@ from inferlog.identity import client_id_of, job_key
 from inferlog.messages import TERMINAL_RANK, RequestRecord, Status, now
 
 _TRANSIENT = TRANSIENT_ERRORS
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """asyncpg's connection errors become StoreUnavailable here, once for every query of the ledger."""
+    try:
+        yield
+    except _TRANSIENT as exc:
+        raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
+
 
 _MARK_QUEUED = """
 UPDATE requests
@@ -125,7 +136,7 @@ class RequestLedger:
         sent = sent_hashes or [None] * len(records)
         keys = [key_of(r) for r in records]
         firsts = list({k: (k, r, h) for k, r, h in reversed(list(zip(keys, records, sent, strict=True)))}.values())
-        try:
+        with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 created = {
                     row["request_id"]
@@ -162,8 +173,6 @@ class RequestLedger:
                         "SELECT request_id, payload_hash, request_hash, status, cancel_requested_at "
                         "FROM requests WHERE request_id = ANY($1::text[])", keys)
                 }
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
         return [self._outcome(record, key, digest, sent_hash, existing[key], created=key in created)
                 for record, key, digest, sent_hash in zip(records, keys, digests, sent, strict=True)]
 
@@ -183,12 +192,10 @@ class RequestLedger:
         """The job this record names, if it is already claimed (a read: nothing is claimed). Raises
         IdempotencyConflict if the job exists with another payload, StoreUnavailable if unreadable."""
         key = key_of(record)
-        try:
+        with _translated():
             row = await self._pool.fetchrow(
                 "SELECT payload_hash, request_hash, status, cancel_requested_at FROM requests "
                 "WHERE request_id = $1 AND payload_hash IS NOT NULL", key)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
         if row is None:
             return None
         outcome = self._outcome(record, key, payload_hash(record), sent_hash, row, created=False)
@@ -198,10 +205,8 @@ class RequestLedger:
 
     async def mark_published(self, request_id: str, queued_at: float) -> None:
         """The broker acknowledged the record: the job is queued."""
-        try:
+        with _translated():
             await self._pool.execute(_MARK_QUEUED, [request_id], Status.QUEUED.rank, Status.QUEUED.value, queued_at)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
 
     async def relay_unpublished(self, publish: Callable[[list[RequestRecord]], Awaitable[None]], *,
                                 older_than_s: float, limit: int = 200) -> int:
@@ -210,7 +215,7 @@ class RequestLedger:
         Rows are locked (SKIP LOCKED) for the duration, so several gateways relay disjoint rows. If
         ``publish`` raises, the transaction rolls back and the rows stay unpublished for the next step.
         """
-        try:
+        with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(
                     """
@@ -231,51 +236,41 @@ class RequestLedger:
                 await conn.execute(_MARK_QUEUED, [row["request_id"] for row in rows], Status.QUEUED.rank,
                                    Status.QUEUED.value, queued_at)
                 return len(records)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
 
     async def request_cancel(self, request_id: str, at: float) -> JobView | None:
         """Set the durable cancel flag (first request wins); the job as it stands, or None if unknown."""
-        try:
+        with _translated():
             await self._pool.execute(
                 "UPDATE requests SET cancel_requested_at = COALESCE(cancel_requested_at, $2) "
                 "WHERE request_id = $1", request_id, at)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
         return await self.get(request_id)
 
     async def dispatch_facts(self, request_ids: list[str]) -> dict[str, tuple[Status | None, int]]:
         """What a worker needs before an attempt, per job key, in one read: the stored terminal status (or
         None) and how many engine failures the request was in."""
-        try:
+        with _translated():
             rows = await self._pool.fetch(
                 "SELECT k AS request_id, r.status, COALESCE(q.engine_failures, 0) AS engine_failures "
                 "FROM unnest($1::text[]) AS k LEFT JOIN results r ON r.request_id = k "
                 "LEFT JOIN requests q ON q.request_id = k", request_ids)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
         return {row["request_id"]: (Status(row["status"]) if row["status"] else None, int(row["engine_failures"]))
                 for row in rows}
 
     async def record_engine_failure(self, request_ids: list[str]) -> None:
         """These requests were in an engine that failed (one more strike each)."""
-        try:
+        with _translated():
             # An upsert: a direct record's row may not exist yet (the store creates it on first sight).
             await self._pool.execute(
                 "INSERT INTO requests (request_id, status, status_rank, engine_failures) "
                 "SELECT k, $2, $3, 1 FROM unnest($1::text[]) AS k "
                 "ON CONFLICT (request_id) DO UPDATE SET engine_failures = requests.engine_failures + 1",
                 request_ids, Status.RUNNING.value, Status.RUNNING.rank)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
 
     async def terminal_statuses(self, request_ids: list[str]) -> dict[str, Status]:
         """The stored terminal status of each of these requests that has one."""
-        try:
+        with _translated():
             rows = await self._pool.fetch(
                 "SELECT request_id, status FROM results WHERE request_id = ANY($1::text[])", request_ids)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
         return {row["request_id"]: Status(row["status"]) for row in rows}
 
     async def get(self, request_id: str) -> JobView | None:
@@ -283,7 +278,7 @@ class RequestLedger:
         return views[0] if views else None
 
     async def get_many(self, request_ids: list[str]) -> list[JobView]:
-        try:
+        with _translated():
             rows = await self._pool.fetch(
                 """
                 SELECT q.request_id, COALESCE(r.status, q.status) AS status,
@@ -295,8 +290,6 @@ class RequestLedger:
                 """,
                 request_ids,
             )
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
         return [
             JobView(
                 request_id=row["request_id"],
@@ -316,22 +309,18 @@ class RequestLedger:
 
     async def open_count(self, tenant: str | None = None) -> int:
         """Accepted and not terminal (Little's L): everywhere, or one tenant's."""
-        try:
+        with _translated():
             if tenant is None:
                 return int(await self._pool.fetchval(f"SELECT count(*) FROM requests WHERE status_rank < {TERMINAL_RANK}"))
             return int(await self._pool.fetchval(
                 f"SELECT count(*) FROM requests WHERE status_rank < {TERMINAL_RANK} AND tenant = $1", tenant))
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
 
     async def recent_throughput(self, window_s: float = 60.0) -> tuple[float, float]:
         """(output tokens per second, mean output tokens per request) over the last ``window_s``."""
-        try:
+        with _translated():
             row = await self._pool.fetchrow(
                 "SELECT COALESCE(sum(completion_tokens), 0) AS tokens, count(*) AS n FROM results "
                 "WHERE created_at > now() - make_interval(secs => $1) AND status = 'completed'", window_s)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
         tokens, n = int(row["tokens"]), int(row["n"])
         return tokens / window_s, (tokens / n if n else 0.0)
 
@@ -350,29 +339,23 @@ class RequestLedger:
             args += [cursor[0], cursor[1]]
             clauses.append(f"(q.created_at, q.request_id) < (to_timestamp(${len(args) - 1}), ${len(args)})")
         args.append(limit)
-        try:
+        with _translated():
             rows = await self._pool.fetch(
                 f"SELECT q.request_id, extract(epoch FROM q.created_at)::float8 AS created "
                 f"FROM requests q LEFT JOIN results r USING (request_id) WHERE {' AND '.join(clauses)} "
                 f"ORDER BY q.created_at DESC, q.request_id DESC LIMIT ${len(args)}", *args)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
         views = {v.request_id: v for v in await self.get_many([row["request_id"] for row in rows])}
         return [(views[row["request_id"]], row["created"]) for row in rows if row["request_id"] in views]
 
     async def usage(self, tenant: str | None) -> dict[str, int]:
-        try:
+        with _translated():
             row = await self._pool.fetchrow(
                 "SELECT count(*) AS requests, COALESCE(sum(prompt_tokens), 0) AS prompt_tokens, "
                 "COALESCE(sum(completion_tokens), 0) AS completion_tokens FROM results "
                 "WHERE tenant IS NOT DISTINCT FROM $1", tenant)
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
         return {"requests": int(row["requests"]), "prompt_tokens": int(row["prompt_tokens"]),
                 "completion_tokens": int(row["completion_tokens"])}
 
     async def ping(self) -> None:
-        try:
+        with _translated():
             await self._pool.fetchval("SELECT 1")
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"ledger unavailable: {exc}") from exc

@@ -197,17 +197,20 @@ class GpuWorker:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         renewing.cancel()
-        leases = self._side.leases
-        if leases is not None:
-            for request_id, work in list(self._held.items()):
-                # Only attempts of which nothing reached the results log; one cut off mid-publish keeps its
-                # lease until it expires (its result may still land: never mark done what may not be there).
-                if work.state in ("admitted", "running") and work.lease is not None:
-                    await self._best_effort(leases.release(request_id, work.lease))
-                self._held.pop(request_id, None)
-            for request_id, value in list(self._done_pending.items()):
-                await self._best_effort(leases.mark_done(request_id, value))
+        await self._best_effort(self._give_up_leases())
         await self._consumer.commit()
+
+    async def _give_up_leases(self) -> None:
+        """On the way out: release the leases of attempts of which nothing reached the results log, so others
+        take them over at once; one cut off mid-publish keeps its lease until it expires (its result may
+        still land: never mark done what may not be there); mark done what is owed."""
+        leases = self._side.leases
+        held = {rid: w.lease for rid, w in self._held.items()
+                if w.state in ("admitted", "running") and w.lease is not None}
+        self._held.clear()
+        if leases is not None:
+            await leases.release_many(held)
+            await self._mark_pending_done(leases)
 
     async def _abandon_all(self, renewing: asyncio.Task[None]) -> None:
         """The engine failed: publish nothing terminal for the work it held (none of it is the requests'
@@ -220,10 +223,11 @@ class GpuWorker:
             task.cancel()
         try:
             async with asyncio.timeout(3.0):
-                # Results already being published are not the engine's: let them land (and mark done).
-                publishing = [t for t in self._generations if not t.done()]
-                if publishing:
-                    await asyncio.wait(publishing, timeout=1.0)
+                # Results already being published are not the engine's: give them a moment to land (the
+                # attempts the engine held have ended with EngineFailed already).
+                unfinished = [t for t in self._generations if not t.done()]
+                if unfinished:
+                    await asyncio.wait(unfinished, timeout=1.0)
                 for task in self._generations:
                     task.cancel()
                 struck = sorted(self._runner.abandoned)
@@ -231,13 +235,7 @@ class GpuWorker:
                           len(struck), len(self._work))
                 if struck and self._side.ledger is not None:
                     await self._side.ledger.record_engine_failure(struck)
-                leases = self._side.leases
-                if leases is not None:
-                    held = {rid: w.lease for rid, w in self._held.items()
-                            if w.state in ("admitted", "running") and w.lease is not None}
-                    await leases.release_many(held)
-                    for request_id, value in list(self._done_pending.items()):
-                        await leases.mark_done(request_id, value)
+                await self._give_up_leases()
         except Exception as exc:  # noqa: BLE001 - best effort on the way out: leases expire, strikes are lost
             log.warning("engine failure clean-up incomplete: %r", exc)
         self._held.clear()
@@ -326,6 +324,11 @@ class GpuWorker:
                                       finished=record.request_id))
             return
         self._work[record.request_id] = work
+        self._offer(work)
+
+    def _offer(self, work: _Work) -> None:
+        """Queue work for admission, reserving its worst case of KV (prompt + max_tokens)."""
+        record = work.record
         self._admission.offer(record.request_id, len(record.input_ids) + record.params.max_tokens,
                               record.priority, work)
 
@@ -334,30 +337,29 @@ class GpuWorker:
         at = now()
         if record.deadline_at is not None and record.deadline_at <= at:
             return self._terminal(record, Status.EXPIRED, "The request's deadline passed before it was admitted.",
-                                  "deadline_exceeded", at)
+                                  "deadline_exceeded")
         if record.model != self._runner.model.name:
             return self._terminal(record, Status.FAILED, f"This worker serves {self._runner.model.name!r}, not "
-                                  f"{record.model!r}.", "model_not_served", at)
+                                  f"{record.model!r}.", "model_not_served")
         if record.params.temperature > 0 and not self._runner.sampling:
             return self._terminal(record, Status.FAILED, "This worker serves greedy decoding only "
-                                  "(temperature 0).", "sampling_not_served", at)
+                                  "(temperature 0).", "sampling_not_served")
         vocab = self._runner.vocab_size
         if vocab and any(not 0 <= token < vocab for token in record.input_ids):
             return self._terminal(record, Status.FAILED, f"The record's input_ids fall outside the model's "
-                                  f"vocabulary of {vocab} tokens.", "invalid_token_ids", at)
+                                  f"vocabulary of {vocab} tokens.", "invalid_token_ids")
         context = self._runner.context_length
         if context and len(record.input_ids) + record.params.max_tokens > context:
             return self._terminal(record, Status.FAILED, f"The prompt ({len(record.input_ids)} tokens) plus "
                                   f"max_tokens ({record.params.max_tokens}) exceeds the model's context of "
-                                  f"{context} tokens.", "context_length_exceeded", at)
+                                  f"{context} tokens.", "context_length_exceeded")
         if not self._admission.fits_ever(len(record.input_ids) + record.params.max_tokens):
             return self._terminal(record, Status.FAILED, "The prompt plus max_tokens exceeds this worker's KV "
                                   f"cache of {self._admission.capacity.kv_tokens} tokens; lower max_tokens.",
-                                  "kv_capacity_exceeded", at)
+                                  "kv_capacity_exceeded")
         return None
 
-    def _terminal(self, record: TokenizedRecord, status: Status, message: str, code: str,
-                  at: float) -> ResultRecord:
+    def _terminal(self, record: TokenizedRecord, status: Status, message: str, code: str) -> ResultRecord:
         return ended(record.request_id, status, message=message, code=code, model=record.model,
                      tenant=record.tenant, worker_id=self.worker_id, timings=record.timings)
 
@@ -473,11 +475,9 @@ class GpuWorker:
 
     async def _abandon(self, work: _Work) -> None:
         """Give up this attempt's lease: nothing of it reached the results log."""
-        request_id = work.record.request_id
-        if self._held.get(request_id) is work:
-            del self._held[request_id]
+        self._unhold(work, leave_quarantine=False)  # the caller decides about the quarantine
         if work.lease is not None and self._side.leases is not None:
-            await self._best_effort(self._side.leases.release(request_id, work.lease))
+            await self._best_effort(self._side.leases.release(work.record.request_id, work.lease))
         work.lease = None
 
     def _retry_later(self, work: _Work, reason: BaseException) -> None:
@@ -485,10 +485,7 @@ class GpuWorker:
         the attempt broke before the engine took it: offer the work again after a backoff. It keeps its
         offsets (uncommitted) meanwhile; a revocation drops it like any waiting work."""
         request_id = work.record.request_id
-        if self._held.get(request_id) is work:
-            del self._held[request_id]
-        if self._quarantine == request_id:
-            self._quarantine = None
+        self._unhold(work)
         work.state, work.lease, work.lost = "waiting", None, False
         work.retries += 1
         delay = min(30.0, 0.5 * 2 ** min(work.retries, 6))
@@ -496,9 +493,9 @@ class GpuWorker:
         self._spawn(self._offer_later(work, delay))
 
     def _offer_again(self, work: _Work, delay: float) -> None:
-        """Not now, but soon (no backoff): back to waiting, offered again after ``delay``."""
-        if self._held.get(work.record.request_id) is work:
-            del self._held[work.record.request_id]
+        """Not now, but soon (no backoff): back to waiting, offered again after ``delay``. A suspect keeps
+        its claim on the quarantine."""
+        self._unhold(work, leave_quarantine=False)
         work.state, work.lease = "waiting", None
         self._spawn(self._offer_later(work, delay))
 
@@ -506,27 +503,27 @@ class GpuWorker:
         await asyncio.sleep(delay)
         request_id = work.record.request_id
         if self._work.get(request_id) is work and work.state == "waiting":
-            self._admission.offer(request_id, len(work.record.input_ids) + work.record.params.max_tokens,
-                                  work.record.priority, work)
+            self._offer(work)
             self._progress.set()
+
+    def _unhold(self, work: _Work, *, leave_quarantine: bool = True) -> None:
+        """This work no longer holds (or means to take) a lease, nor, unless told, the quarantine."""
+        request_id = work.record.request_id
+        if self._held.get(request_id) is work:
+            del self._held[request_id]
+        if leave_quarantine and self._quarantine == request_id:
+            self._quarantine = None
 
     def _drop(self, work: _Work) -> None:
         """Stop tracking this work (its task has ended)."""
-        request_id = work.record.request_id
-        if self._quarantine == request_id:
-            self._quarantine = None
-        if self._work.get(request_id) is work:
-            del self._work[request_id]
-        if self._held.get(request_id) is work:
-            del self._held[request_id]
+        self._unhold(work)
+        if self._work.get(work.record.request_id) is work:
+            del self._work[work.record.request_id]
 
     def _watch_or_drop(self, work: _Work) -> None:
         """Watch another worker's attempt while this worker still has copies of the record to commit."""
         request_id = work.record.request_id
-        if self._held.get(request_id) is work:
-            del self._held[request_id]
-        if self._quarantine == request_id:
-            self._quarantine = None
+        self._unhold(work)
         work.lease, work.lost, work.cancelled = None, False, False
         if work.positions and self._work.get(request_id) is work:
             work.state = "watching"
@@ -601,8 +598,7 @@ class GpuWorker:
                 log.info("taking over %s: its lease expired", request_id)
                 self.takeovers += 1
                 work.state = "waiting"
-                self._admission.offer(request_id, len(work.record.input_ids) + work.record.params.max_tokens,
-                                      work.record.priority, work)
+                self._offer(work)
                 self._progress.set()
                 return
 

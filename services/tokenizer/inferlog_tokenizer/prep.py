@@ -77,13 +77,13 @@ class RequestPreparer:
         for raw, record in parsed:
             if record.deadline_at is not None and record.deadline_at <= at:
                 out.results.append(_terminal(record, Status.EXPIRED, "The request's deadline passed before it was "
-                                             "tokenized.", code="deadline_exceeded", at=at))
+                                             "tokenized.", code="deadline_exceeded"))
                 continue
             try:
                 self._registry.get(record.model)
                 self._check_params(record)
             except InvalidRequest as exc:
-                out.results.append(_failed(record, exc, at))
+                out.results.append(_failed(record, exc))
                 out.dead.append(_dead(raw, str(exc), key_of(record)))
                 continue
             valid.append(record)
@@ -135,7 +135,7 @@ class RequestPreparer:
                 param = "messages" if record.messages is not None else "prompt"
                 out.results.append(_failed(record, InvalidRequest(
                     f"The prompt ({len(ids)} tokens) plus max_tokens ({record.params.max_tokens}) exceeds the "
-                    f"model's context of {context} tokens.", param=param, code="context_length_exceeded"), at))
+                    f"model's context of {context} tokens.", param=param, code="context_length_exceeded")))
                 continue
             out.tokenized.append(TokenizedRecord(
                 request_id=key_of(record), model=record.model, input_ids=ids, params=record.params,
@@ -170,12 +170,12 @@ def _describe(exc: Exception) -> str:
     return str(exc)
 
 
-def _terminal(record: RequestRecord, status: Status, message: str, *, code: str, at: float) -> ResultRecord:
+def _terminal(record: RequestRecord, status: Status, message: str, *, code: str) -> ResultRecord:
     return ended(key_of(record), status, message=message, code=code, model=record.model, tenant=record.tenant,
                  timings=record.timings)
 
 
-def _failed(record: RequestRecord, exc: InvalidRequest, at: float) -> ResultRecord:
+def _failed(record: RequestRecord, exc: InvalidRequest) -> ResultRecord:
     return ended(key_of(record), Status.FAILED, message=exc.message, code=exc.code, param=exc.param,
                  model=record.model, tenant=record.tenant, finish_reason="error", timings=record.timings)
 
