@@ -192,6 +192,21 @@ return 0
         """Take the lease for this attempt if nobody (this worker included) holds it."""
         return bool(await self._redis.set(self._keys.lease(request_id), value, nx=True, px=self.ttl_ms))
 
+    async def acquire_many(self, wanted: dict[str, str]) -> set[str]:
+        """Take each lease (request_id → this attempt's value) that nobody holds, in one round trip. Returns
+        the request_ids not held by another attempt: taken, or (a command that failed alone) unknown, which
+        the caller treats like an unreachable Redis (its renewal re-takes the lease or finds it lost). Raises
+        if the round trip itself fails."""
+        if not wanted:
+            return set()
+        items = list(wanted.items())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, value in items:
+                pipe.set(self._keys.lease(request_id), value, nx=True, px=self.ttl_ms)
+            replies = await pipe.execute(raise_on_error=False)
+        return {request_id for (request_id, _value), reply in zip(items, replies, strict=True)
+                if reply is True or isinstance(reply, Exception)}
+
     async def state_of(self, request_id: str) -> tuple[LeaseState, str | None]:
         """The lease's state and its holder's value (``None`` when free)."""
         raw = await self._redis.get(self._keys.lease(request_id))

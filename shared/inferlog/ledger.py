@@ -21,7 +21,7 @@ import asyncpg
 from inferlog.db import TRANSIENT_ERRORS, GuardedPool
 from inferlog.errors import IdempotencyConflict, StoreUnavailable
 from inferlog.identity import client_id_of, job_key
-from inferlog.messages import TERMINAL_RANK, RequestRecord, Status, now
+from inferlog.messages import TERMINAL_RANK, DispatchFacts, RequestRecord, Status, now
 
 _TRANSIENT = TRANSIENT_ERRORS
 
@@ -245,15 +245,18 @@ class RequestLedger:
                 "WHERE request_id = $1", request_id, at)
         return await self.get(request_id)
 
-    async def dispatch_facts(self, request_ids: list[str]) -> dict[str, tuple[Status | None, int]]:
+    async def dispatch_facts(self, request_ids: list[str]) -> dict[str, DispatchFacts]:
         """What a worker needs before an attempt, per job key, in one read: the stored terminal status (or
-        None) and how many engine failures the request was in."""
+        None), how many engine failures the request was in, and whether a cancel was recorded (durably: the
+        Redis flag is only the fast path)."""
         with _translated():
             rows = await self._pool.fetch(
-                "SELECT k AS request_id, r.status, COALESCE(q.engine_failures, 0) AS engine_failures "
+                "SELECT k AS request_id, r.status, COALESCE(q.engine_failures, 0) AS engine_failures, "
+                "q.cancel_requested_at IS NOT NULL AS cancelled "
                 "FROM unnest($1::text[]) AS k LEFT JOIN results r ON r.request_id = k "
                 "LEFT JOIN requests q ON q.request_id = k", request_ids)
-        return {row["request_id"]: (Status(row["status"]) if row["status"] else None, int(row["engine_failures"]))
+        return {row["request_id"]: DispatchFacts(Status(row["status"]) if row["status"] else None,
+                                                 int(row["engine_failures"]), bool(row["cancelled"]))
                 for row in rows}
 
     async def record_engine_failure(self, request_ids: list[str]) -> None:

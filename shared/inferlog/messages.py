@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -128,6 +128,17 @@ class RequestRecord(_Record):
     deadline_at: float | None = None
     """Absolute deadline (Unix seconds); past it any stage ends the request ``expired``."""
     timings: Timings = Field(default_factory=Timings)
+
+
+class DispatchFacts(NamedTuple):
+    """What the ledger says of a request before a worker attempts it."""
+
+    terminal: Status | None
+    """Its stored terminal status, if it has one."""
+    engine_failures: int = 0
+    """How many engine failures it was in (strikes)."""
+    cancelled: bool = False
+    """A cancel was recorded durably (the Redis flag is only the fast path)."""
 
 
 class TokenizedRecord(_Record):

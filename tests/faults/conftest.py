@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from inferlog.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -58,9 +58,28 @@ def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
     postgres = EmbeddedPostgres(tmp_path / "pg", free_port())
     postgres.start()
     yield postgres
-    if postgres.proc is not None:
-        os.killpg(postgres.proc.pid, signal.SIGCONT)
+    resume_postgres(postgres)
     postgres.stop()
+
+
+def pause_postgres(postgres: EmbeddedPostgres) -> None:
+    """Stop the server and every backend (SIGSTOP): queries in flight and new ones hang, connections stay
+    open. Not killpg: each PostgreSQL backend calls setsid(), so the postmaster's process group holds the
+    postmaster alone (a paused postmaster with running backends answers every open connection)."""
+    assert postgres.proc is not None
+    postmaster = psutil.Process(postgres.proc.pid)
+    postmaster.suspend()  # first: it forks no new backend meanwhile
+    for child in postmaster.children(recursive=True):
+        child.suspend()
+
+
+def resume_postgres(postgres: EmbeddedPostgres) -> None:
+    if postgres.proc is None or postgres.proc.poll() is not None:
+        return
+    postmaster = psutil.Process(postgres.proc.pid)
+    for child in postmaster.children(recursive=True):
+        child.resume()
+    postmaster.resume()
 
 
 def start_pipeline(cluster: Cluster, workers: tuple[str, ...] = ("w",), **worker_env: str) -> None:

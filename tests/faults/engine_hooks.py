@@ -8,7 +8,9 @@ starts. What to break comes from the environment:
   ``INFERLOG_TEST_ENGINE_FAULT_MIN_ACTIVE`` requests are in the batch (default 1);
 - ``INFERLOG_TEST_ENGINE_FAULT_ONCE``: a file; the fault fires only if it does not exist, and creates it
   (so the restarted worker runs normally);
-- ``INFERLOG_TEST_ENGINE_POISON``: a request ID; the step raises whenever that request is in the batch.
+- ``INFERLOG_TEST_ENGINE_POISON``: a request ID; the step raises whenever that request is in the batch;
+- ``INFERLOG_TEST_ENGINE_STEP_DELAY_S``: seconds each step waits first (a slow engine, as a real model on
+  real hardware is next to the tiny one: its generations outlive a rebalance).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def install(manager: Any) -> None:
     min_active = int(os.environ.get("INFERLOG_TEST_ENGINE_FAULT_MIN_ACTIVE", "1"))
     once = os.environ.get("INFERLOG_TEST_ENGINE_FAULT_ONCE")
     poison = os.environ.get("INFERLOG_TEST_ENGINE_POISON")
+    delay = float(os.environ.get("INFERLOG_TEST_ENGINE_STEP_DELAY_S", "0"))
     step = manager._generation_step
     counted = 0
 
@@ -46,6 +49,8 @@ def install(manager: Any) -> None:
                 if fault == "hang":
                     threading.Event().wait()  # never returns: the engine hangs mid-step
                 raise RuntimeError("injected engine failure")
+        if delay:
+            time.sleep(delay)
         step()
 
     manager._generation_step = broken_step

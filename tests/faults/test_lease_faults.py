@@ -3,22 +3,32 @@ purpose with a real stall of a real process, each counted by attempts (acknowled
 
 (a) Redis paused (SIGSTOP of the test's own) for 2 s, shorter than the lease TTL, while a second worker
     watches the first one's work: a read error is never an expiry, a renewal error never a loss.
-The issue's fault (c), a rebalance while work waits in preflight behind a paused Postgres, is covered in
-milliseconds by tests/unit/test_worker_protocol.py; its real-process version is not built yet (see the
-closing note of the session that wrote this).
+(c) A rebalance while a worker holds admitted work in preflight, the window widened by a real stall (the
+    test's own Postgres stopped, so the terminal check hangs): admitted work stays tracked through the
+    revocation, and the copies re-read after the partitions come back join it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import time
 
 import pytest
 
-from inferlog.embedded import EmbeddedRedis
-from tests.conftest import eventually
-from tests.faults.conftest import FAULT_BUDGET_S, WORKER, MakeCluster, start_pipeline
+from inferlog.embedded import EmbeddedPostgres, EmbeddedRedis
+from inferlog.kafka import make_consumer, make_producer, publish_all
+from inferlog.messages import GenerationParams, TokenizedRecord
+from tests.conftest import TINY, eventually
+from tests.faults.conftest import (
+    FAULT_BUDGET_S,
+    WORKER,
+    MakeCluster,
+    pause_postgres,
+    resume_postgres,
+    start_pipeline,
+)
 from tests.faults.harness import (
     Client,
     Cluster,
@@ -26,6 +36,7 @@ from tests.faults.harness import (
     describe,
     long_bodies,
     running_at_least,
+    truthy,
     wait_all_terminal,
 )
 
@@ -63,6 +74,69 @@ async def test_redis_paused_while_a_second_worker_watches(make_cluster: MakeClus
 
     await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
     report = await check(cluster.settings, list(client.accepted))
+    assert report.lost == [] and report.conflicting == [], describe(report)
+    assert report.regenerated == [] and report.generations == report.accepted, describe(report)
+    assert report.statuses == {"completed": 200}, describe(report)
+    assert time.monotonic() - started <= FAULT_BUDGET_S
+
+
+async def _produce_tokenized(cluster: Cluster, count: int, prefix: str) -> list[str]:
+    """Tokenized records straight onto the interactive tier, as the tokenizer writes them (the tokenizer
+    needs Postgres, which this fault has stopped)."""
+    rng = random.Random(0)
+    outgoing = [(cluster.topics.tokenized_interactive, f"{prefix}-{i}", TokenizedRecord(
+        request_id=f"{prefix}-{i}", model=TINY, input_ids=[rng.randrange(3, 200) for _ in range(8)],
+        params=GenerationParams(max_tokens=rng.randint(12, 24), ignore_eos=True))) for i in range(count)]
+    producer = make_producer(cluster.settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        await publish_all(producer, outgoing)  # type: ignore[arg-type]
+    finally:
+        await producer.stop()
+    return [request_id for _topic, request_id, _record in outgoing]
+
+
+async def _rebalance(cluster: Cluster, group: str, settle_s: float = 1.0) -> None:
+    """Force a rebalance of ``group`` and give its partitions back: a member joins (every partition is
+    revoked and re-assigned, some to it), holds its share without fetching, and leaves (a second rebalance
+    returns them). The workers see what a member joining or leaving under load does."""
+    topics = cluster.topics
+    member = make_consumer(cluster.settings.kafka_bootstrap, group, session_timeout_ms=6000)
+    member.subscribe([topics.tokenized_interactive, topics.tokenized_batch])
+    await member.start()
+    try:
+        await eventually(lambda: truthy(member.assignment()), timeout=20, interval=0.05)
+        await asyncio.sleep(settle_s)
+    finally:
+        await member.stop()  # never fetched, never committed: leaves the group
+
+
+async def test_rebalance_while_work_waits_in_preflight(make_cluster: MakeCluster,
+                                                       own_postgres: EmbeddedPostgres) -> None:
+    cluster = await make_cluster("fc", postgres_url=own_postgres.url)
+    # One worker with room for every request and more: all 200 wait in preflight, and the copies it re-reads
+    # after the rebalances are fetched while their originals still wait there (a worker that forgot its
+    # admitted work on revocation would start those a second time).
+    start_pipeline(cluster, workers=("w1",), INFERLOG_WORKER_MAX_RUNNING="256", INFERLOG_WORKER_NUM_BLOCKS="512")
+    await cluster.wait_ready()
+    started = time.monotonic()
+
+    # Every terminal check hangs from here. Shorter than the worker's 10 s Postgres connect timeout, after
+    # which a preflight gives up ("unknown", retried later) and the window would close.
+    pause_postgres(own_postgres)
+    try:
+        accepted = await _produce_tokenized(cluster, 200, "fc")
+        await eventually(lambda: _counter_at_least(cluster, ("w1",), "in_preflight", 100), timeout=5,
+                         interval=0.05)
+        await _rebalance(cluster, cluster.topics.group("gpu-workers"))
+        await eventually(lambda: _counter_at_least(cluster, ("w1",), "revoked_in_preflight", 20), timeout=5,
+                         interval=0.05)
+        await asyncio.sleep(1.5)  # the partitions come back; w1 re-reads them while the originals wait
+    finally:
+        resume_postgres(own_postgres)
+
+    await wait_all_terminal(cluster.settings, accepted, timeout=FAULT_BUDGET_S)
+    report = await check(cluster.settings, accepted)
     assert report.lost == [] and report.conflicting == [], describe(report)
     assert report.regenerated == [] and report.generations == report.accepted, describe(report)
     assert report.statuses == {"completed": 200}, describe(report)

@@ -87,12 +87,15 @@ async def test_sigterm_worker_finishes_its_batch_and_nothing_runs_twice(make_clu
 
 async def test_workers_added_and_removed_under_traffic(make_cluster: MakeCluster) -> None:
     cluster = await make_cluster("f8")
-    start_pipeline(cluster, workers=("w1",))
+    # w1's engine is slowed (10 ms a step, through the test hook) so its generations outlive w2's start and
+    # the ~3 s rebalance: on the tiny model a whole batch can end inside that window, leaving w2 nothing of
+    # w1's in flight to watch (the fault then tests nothing).
+    start_pipeline(cluster, workers=("w1",), INFERLOG_WORKER_TEST_HOOKS="tests.faults.engine_hooks",
+                   INFERLOG_TEST_ENGINE_STEP_DELAY_S="0.01")
     await cluster.wait_ready()
     started = time.monotonic()
     client = Client(cluster.url)
-    # Longer outputs (300-450 tokens, ~3-5 s each here) so generations outlive the ~3 s rebalance.
-    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f8", low=300, high=450)))
+    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f8", low=200, high=450)))
 
     await eventually(lambda: running_at_least(cluster, "w1", 10), timeout=60, interval=0.05)
     cluster.spawn("w2", "gpu-worker", **WORKER)  # added: the group rebalances under load

@@ -38,6 +38,18 @@ async def test_a_worker_cannot_re_enter_its_own_earlier_attempt(redis: Redis, ke
     assert await w1.state_of("r") == (LeaseState.LIVE, first)
 
 
+async def test_a_batch_takes_every_free_lease_and_none_held_by_another(redis: Redis, keys: Keys) -> None:
+    w1, w2 = Leases(redis, keys, "w1", ttl_ms=2000), Leases(redis, keys, "w2", ttl_ms=2000)
+    theirs = w2.new_value()
+    assert await w2.acquire("b", theirs)
+    wanted = {request_id: w1.new_value() for request_id in ("a", "b", "c")}
+    assert await w1.acquire_many(wanted) == {"a", "c"}
+    assert await w1.state_of("b") == (LeaseState.LIVE, theirs)
+    assert await w1.state_of("c") == (LeaseState.LIVE, wanted["c"])
+    assert await w1.acquire_many({"a": w1.new_value()}) == set(), "re-entered its own earlier attempt"
+    assert await w1.acquire_many({}) == set()
+
+
 async def test_renewal_renews_retakes_a_lapsed_lease_and_reports_one_taken_by_another(
         redis: Redis, keys: Keys) -> None:
     w1, w2 = Leases(redis, keys, "w1", ttl_ms=300), Leases(redis, keys, "w2", ttl_ms=300)

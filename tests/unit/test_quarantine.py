@@ -56,8 +56,8 @@ def test_a_suspect_waits_for_an_empty_engine_then_runs_alone() -> None:
     admission.release("busy")
     worker._start_admitted()
     assert suspect.state == "admitted" and other.state == "waiting"
-    assert worker._may_enter_engine(suspect, suspect=True) and worker._quarantine == "suspect"
-    assert not worker._may_enter_engine(other, suspect=False)
+    assert worker._may_enter_engine(suspect) and worker._quarantine == "suspect"
+    assert not worker._may_enter_engine(other)
 
     suspect.state = "running"
     worker._start_admitted()
@@ -72,7 +72,7 @@ def test_a_suspect_found_busy_at_preflight_never_locks_the_worker() -> None:
     worker, admission, started = _worker()
     busy = _track(worker, admission, "busy", state="running")
     suspect = _track(worker, admission, "suspect", suspect=True, state="admitted")  # admitted with others
-    assert not worker._may_enter_engine(suspect, suspect=True)  # claims the engine, must wait
+    assert not worker._may_enter_engine(suspect)  # claims the engine, must wait
     admission.release("suspect")
     suspect.state = "waiting"
     admission.offer("suspect", 7, suspect.record.priority, suspect)  # deferred: offered again
@@ -80,7 +80,7 @@ def test_a_suspect_found_busy_at_preflight_never_locks_the_worker() -> None:
     admission.release("busy")
     worker._start_admitted()
     assert suspect.state == "admitted", "the quarantine holder was never admitted again"
-    assert worker._may_enter_engine(suspect, suspect=True)
+    assert worker._may_enter_engine(suspect)
 
 
 def test_one_strike_short_of_k_is_a_suspect() -> None:

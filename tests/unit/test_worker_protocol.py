@@ -1,6 +1,8 @@
 """The worker's lease and dispatch protocol, in milliseconds: the real GpuWorker with in-memory fakes of
-the log, the ledger, the leases and the engine (no broker, no Redis, no Postgres, no model). Each test is
-one interleaving that used to generate a request twice, lose a cancel, or fail a request for its engine.
+the log, the ledger, the leases, the cancel flags and the engine (no broker, no Redis, no Postgres, no
+model), on a fake clock (looptime: the loop's time jumps to the next timer when nothing is ready, so a
+30-second lease or watch interval costs no real time). Each test is one interleaving that used to generate
+a request twice, lose a cancel, or fail a request for its engine.
 """
 
 from __future__ import annotations
@@ -15,11 +17,20 @@ import pytest
 
 from inferlog.errors import SideChannelUnavailable, StoreUnavailable
 from inferlog.leasing import LeaseState, Renewal
-from inferlog.messages import EventRecord, GenerationParams, ResultRecord, Status, TokenizedRecord
+from inferlog.messages import (
+    DispatchFacts,
+    EventRecord,
+    GenerationParams,
+    ResultRecord,
+    Status,
+    TokenizedRecord,
+)
 from inferlog.topics import Topics
 from inferlog_worker.admission import Capacity, KvAdmission
 from inferlog_worker.dispatch import GpuWorker, SideChannels
 from inferlog_worker.runner import EngineFailed, GenerationDone, GenerationJob
+
+pytestmark = pytest.mark.looptime
 
 TP = ("p.tokenized.interactive.v1", 0)
 TOPICS = Topics("p", 4)
@@ -33,11 +44,34 @@ def _raw(request_id: str, offset: int) -> Any:
 
 
 class FakeConsumer:
+    """One partition: ``pending`` is what the next fetch returns; ``committed`` the offset committed, the
+    lowest offset not yet finished (as TierConsumer commits)."""
+
     def __init__(self) -> None:
         self.finished: list[int] = []
+        self.pending: list[Any] = []
+        self.fetched = 0
+        self.committed = 0
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def pause_all(self) -> None: ...
+    def resume_all(self) -> None: ...
+
+    async def fetch(self, max_records: int, timeout_ms: int = 50) -> list[Any]:
+        if not self.pending:
+            await asyncio.sleep(timeout_ms / 1000)
+        batch, self.pending = self.pending[:max_records], self.pending[max_records:]
+        self.fetched += len(batch)
+        return batch
 
     def finish(self, tp: tuple[str, int], offset: int) -> None:
         self.finished.append(offset)
+
+    async def commit(self, only: set[tuple[str, int]] | None = None) -> dict[tuple[str, int], int]:
+        while self.committed in self.finished:
+            self.committed += 1
+        return {TP: self.committed}
 
     def assignment(self) -> set[tuple[str, int]]:
         return {TP}
@@ -53,7 +87,13 @@ class FakeRunner:
     failure: str | None = None
     submitted: list[str] = field(default_factory=list)
     live: dict[str, asyncio.Future[GenerationDone]] = field(default_factory=dict)
-    texts: dict[str, list[str]] = field(default_factory=dict)
+    abandoned: set[str] = field(default_factory=set)
+
+    def steps(self) -> int:
+        return 0
+
+    def stopped_reason(self) -> str | None:
+        return None
 
     def submit(self, job: GenerationJob, on_text: Callable[[str, str], None] | None = None
                ) -> asyncio.Future[GenerationDone]:
@@ -75,6 +115,7 @@ class FakeRunner:
 
     def fail(self, reason: str) -> None:
         self.failure = reason
+        self.abandoned |= set(self.live)
         for future in self.live.values():
             future.set_exception(EngineFailed(reason))
         self.live.clear()
@@ -87,12 +128,19 @@ class FakeLedger:
     def __init__(self) -> None:
         self.terminal: dict[str, Status] = {}
         self.strikes: dict[str, int] = {}
+        self.cancelled: set[str] = set()
         self.down = False
+        self.reads: list[list[str]] = []
 
-    async def dispatch_facts(self, ids: list[str]) -> dict[str, tuple[Status | None, int]]:
+    async def dispatch_facts(self, ids: list[str]) -> dict[str, DispatchFacts]:
+        self.reads.append(list(ids))
         if self.down:
             raise StoreUnavailable("ledger down")
-        return {i: (self.terminal.get(i), self.strikes.get(i, 0)) for i in ids}
+        return {i: DispatchFacts(self.terminal.get(i), self.strikes.get(i, 0), i in self.cancelled) for i in ids}
+
+    async def record_engine_failure(self, ids: list[str]) -> None:
+        for i in ids:
+            self.strikes[i] = self.strikes.get(i, 0) + 1
 
     async def terminal_statuses(self, ids: list[str]) -> dict[str, Status]:
         if self.down:
@@ -110,6 +158,7 @@ class FakeLeases:
         self.store = store
         self.down = False
         self.n = 0
+        self.round_trips = 0
 
     def _check(self) -> None:
         if self.down:
@@ -125,6 +174,11 @@ class FakeLeases:
             return False
         self.store[request_id] = value
         return True
+
+    async def acquire_many(self, wanted: dict[str, str]) -> set[str]:
+        self._check()
+        self.round_trips += 1
+        return {request_id for request_id, value in wanted.items() if await self.acquire(request_id, value)}
 
     async def state_of(self, request_id: str) -> tuple[LeaseState, str | None]:
         self._check()
@@ -157,6 +211,18 @@ class FakeLeases:
         if self.store.get(request_id) == value:
             del self.store[request_id]
 
+    async def release_many(self, held: dict[str, str]) -> None:
+        for request_id, value in held.items():
+            await self.release(request_id, value)
+
+
+class FakeCancels:
+    def __init__(self) -> None:
+        self.flags: set[str] = set()
+
+    async def flagged(self, ids: list[str]) -> set[str]:
+        return self.flags & set(ids)
+
 
 @dataclass
 class Rig:
@@ -165,6 +231,7 @@ class Rig:
     consumer: FakeConsumer
     ledger: FakeLedger
     leases: FakeLeases
+    cancels: FakeCancels
     published: list[tuple[str, str, Any]]
 
     def results(self, request_id: str) -> list[ResultRecord]:
@@ -175,9 +242,45 @@ class Rig:
                    if topic == TOPICS.events and key == request_id and isinstance(r, EventRecord))
 
     async def deliver(self, request_id: str, offset: int) -> None:
-        await self.worker._triage(_raw(request_id, offset))
+        await self.deliver_batch([(request_id, offset)])
+
+    async def deliver_batch(self, copies: list[tuple[str, int]]) -> None:
+        """One fetch: triage each record, then admit and preflight them together."""
+        for request_id, offset in copies:
+            await self.worker._triage(_raw(request_id, offset))
         self.worker._start_admitted()
         await settle()
+
+    def cancel(self, request_id: str) -> None:
+        """What the gateway does: record it in the ledger, set the flag, then notify the workers."""
+        self.ledger.cancelled.add(request_id)
+        self.cancels.flags.add(request_id)
+        self.worker.cancel(request_id)
+
+    def slow(self, target: Any, name: str) -> asyncio.Event:
+        """Make ``target.name`` wait for the returned gate before it answers (a stalled store or Redis)."""
+        gate = asyncio.Event()
+        real = getattr(target, name)
+
+        async def waiting(*args: Any) -> Any:
+            await gate.wait()
+            return await real(*args)
+
+        setattr(target, name, waiting)
+        return gate
+
+
+RIGS: list[Rig] = []
+
+
+@pytest.fixture(autouse=True)
+async def _stop_rigs() -> Any:
+    """Each test's worker tasks end with it (the loop is shared by the session)."""
+    yield
+    while RIGS:
+        worker = RIGS.pop().worker
+        for task in list(worker._tasks):
+            task.cancel()
 
 
 async def settle(rounds: int = 20) -> None:
@@ -186,18 +289,19 @@ async def settle(rounds: int = 20) -> None:
 
 
 def rig(lease_store: dict[str, str] | None = None, holder: str = "w1") -> Rig:
-    runner, consumer, ledger = FakeRunner(), FakeConsumer(), FakeLedger()
+    runner, consumer, ledger, cancels = FakeRunner(), FakeConsumer(), FakeLedger(), FakeCancels()
     leases = FakeLeases(holder, lease_store if lease_store is not None else {})
     worker = GpuWorker(worker_id=holder, runner=runner, consumer=consumer, publisher=None, topics=TOPICS,  # type: ignore[arg-type]
-                       admission=KvAdmission(Capacity(10_000, 8)), watch_interval_s=0.001,
-                       side=SideChannels(ledger=ledger, leases=leases))  # type: ignore[arg-type]
+                       admission=KvAdmission(Capacity(10_000, 8)), watch_interval_s=1.0,
+                       side=SideChannels(ledger=ledger, leases=leases, cancels=cancels))  # type: ignore[arg-type]
     published: list[tuple[str, str, Any]] = []
 
     async def publish(outgoing: list[Any]) -> None:
         published.extend(outgoing)
 
     worker._publish = publish  # type: ignore[method-assign]
-    return Rig(worker, runner, consumer, ledger, leases, published)
+    RIGS.append(Rig(worker, runner, consumer, ledger, leases, cancels, published))
+    return RIGS[-1]
 
 
 async def test_a_re_delivered_copy_of_a_running_request_joins_it() -> None:
@@ -224,7 +328,7 @@ async def test_a_revocation_during_preflight_and_re_assignment_generate_nothing_
     gate = asyncio.Event()
     real_facts = r.ledger.dispatch_facts
 
-    async def slow_facts(ids: list[str]) -> dict[str, tuple[Status | None, int]]:
+    async def slow_facts(ids: list[str]) -> dict[str, DispatchFacts]:
         await gate.wait()  # the preflight window, widened
         return await real_facts(ids)
 
@@ -245,11 +349,11 @@ async def test_a_redis_read_error_while_watching_keeps_watching() -> None:
     await r.deliver("a", 0)
     assert r.worker._work["a"].state == "watching"
     r.leases.down = True
-    await asyncio.sleep(0.02)  # many watch ticks, every read failing
+    await asyncio.sleep(60)  # sixty watch ticks (fake time), every read failing
     assert r.runner.submitted == [] and r.worker._work["a"].state == "watching"
     r.leases.down = False
     del store["a"]  # its holder died; the lease expired
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(2)
     r.worker._start_admitted()
     await settle()
     assert r.runner.submitted == ["a"] and r.worker.takeovers == 1
@@ -258,48 +362,81 @@ async def test_a_redis_read_error_while_watching_keeps_watching() -> None:
 async def test_a_lease_lost_mid_generation_cancels_it_and_publishes_nothing() -> None:
     store: dict[str, str] = {}
     r = rig(store)
+    renewing = asyncio.create_task(r.worker._renew_leases_forever())
     await r.deliver("a", 0)
     assert r.runner.submitted == ["a"]
-    store["a"] = "w2/9"  # another attempt holds it now (ours lapsed during an outage and was taken)
-    held = {rid: w.lease for rid, w in r.worker._held.items() if w.lease}
-    for rid, verdict in (await r.leases.renew_many(held)).items():  # what the renewal loop does
-        if verdict == Renewal.LOST:
-            r.worker._lose(rid, held[rid])
-    await settle()
+    r.leases.down = True  # Redis unreachable for longer than the lease's TTL: renewals fail, "a" goes on
+    await asyncio.sleep(10)
+    assert "a" in r.runner.live, "a renewal error is not a loss"
+    store["a"] = "w2/9"  # ...meanwhile the lease lapsed and another worker took it
+    r.leases.down = False
+    await asyncio.sleep(2)  # the next renewal finds it held by another attempt
+    renewing.cancel()
     assert "a" not in r.runner.live and r.results("a") == []
     assert r.worker._work["a"].state == "watching", "its offsets stay uncommitted until the other attempt ends"
 
 
-@pytest.mark.parametrize("window", ["waiting", "preflight", "admitted", "running"])
+async def test_a_lapsed_lease_nobody_took_is_re_taken_and_the_generation_goes_on() -> None:
+    store: dict[str, str] = {}
+    r = rig(store)
+    renewing = asyncio.create_task(r.worker._renew_leases_forever())
+    await r.deliver("a", 0)
+    value = store["a"]
+    r.leases.down = True
+    await asyncio.sleep(10)
+    del store["a"]  # it expired during the outage; nobody took it
+    r.leases.down = False
+    await asyncio.sleep(2)
+    renewing.cancel()
+    assert store["a"] == value and "a" in r.runner.live
+    r.runner.finish("a")
+    await settle()
+    assert len(r.results("a")) == 1 and store["a"] == f"done:{value}"
+
+
+async def test_preflight_is_one_round_trip_per_store_for_a_fetched_batch() -> None:
+    r = rig({"b": "w2/1"})  # "b" is another worker's
+    r.ledger.terminal["c"] = Status.COMPLETED  # "c" is already done
+    await r.deliver_batch([(f"{c}", i) for i, c in enumerate("abcdef")])
+    assert r.ledger.reads == [list("abcdef")] and r.leases.round_trips == 1
+    assert sorted(r.runner.submitted) == list("adef")
+    assert r.worker._work["b"].state == "watching" and 2 in r.consumer.finished
+
+
+@pytest.mark.parametrize("window", ["fetched", "waiting", "preflight", "admitted", "running"])
 async def test_a_cancel_is_honoured_in_every_window(window: str) -> None:
     r = rig()
     r.worker._admission = KvAdmission(Capacity(10_000, 1))
-    if window == "waiting":
+    if window == "fetched":  # fetched, not yet triaged: only the flag can tell (no work is tracked yet)
+        r.cancel("a")
+        await r.deliver("a", 1)
+    elif window == "waiting":
         await r.deliver("busy", 0)  # the one slot is taken: "a" waits for room
         await r.deliver("a", 1)
         assert r.worker._work["a"].state == "waiting"
     elif window in ("preflight", "admitted"):
         gate = asyncio.Event()
-        real_facts, real_acquire = r.ledger.dispatch_facts, r.leases.acquire
+        real_facts, real_publish = r.ledger.dispatch_facts, r.worker._publish
 
-        async def slow_facts(ids: list[str]) -> dict[str, tuple[Status | None, int]]:
+        async def slow_facts(ids: list[str]) -> dict[str, DispatchFacts]:
             if window == "preflight":
                 await gate.wait()
             return await real_facts(ids)
 
-        async def slow_acquire(request_id: str, value: str) -> bool:
-            if window == "admitted":
+        async def slow_publish(outgoing: list[Any]) -> None:  # recording the attempt, before the engine
+            if window == "admitted" and outgoing[0][0] == TOPICS.events:
                 await gate.wait()
-            return await real_acquire(request_id, value)
+            await real_publish(outgoing)
 
         r.ledger.dispatch_facts = slow_facts  # type: ignore[method-assign]
-        r.leases.acquire = slow_acquire  # type: ignore[method-assign]
+        r.worker._publish = slow_publish  # type: ignore[method-assign]
         await r.deliver("a", 1)
         assert r.worker._work["a"].state == "admitted"
     else:
         await r.deliver("a", 1)
         assert r.runner.submitted == ["a"]
-    r.worker.cancel("a")
+    if window != "fetched":
+        r.cancel("a")
     if window in ("preflight", "admitted"):
         gate.set()
     await settle()
@@ -312,21 +449,118 @@ async def test_a_cancel_is_honoured_in_every_window(window: str) -> None:
     assert 1 in r.consumer.finished
 
 
-async def test_an_engine_failure_publishes_nothing_and_commits_nothing_past_held_work() -> None:
+async def test_an_engine_failure_publishes_nothing_commits_nothing_past_held_work_and_stops_the_worker() -> None:
     r = rig()
-    await r.deliver("a", 0)
-    await r.deliver("b", 1)
+    r.consumer.pending = [_raw("a", 0), _raw("b", 1)]
+    running = asyncio.create_task(r.worker.run(asyncio.Event()))
+    await asyncio.sleep(1)
+    assert sorted(r.runner.submitted) == ["a", "b"]
     r.runner.fail("injected")
-    await settle()
+    await asyncio.wait_for(running, timeout=10)  # run() returns: the shell exits non-zero (runner.failure)
     assert r.results("a") == r.results("b") == []
-    assert r.consumer.finished == [], "offsets of work the failed engine held were let through"
-    assert r.worker._work["a"].state == "running", "the worker must abandon it for another worker, not retry"
+    assert r.consumer.committed == 0, "offsets of work the failed engine held were committed"
+    assert r.ledger.strikes == {"a": 1, "b": 1} and r.leases.store == {}, "not struck, or leases not released"
 
 
 async def test_a_terminal_check_that_fails_is_never_read_as_not_terminal() -> None:
     r = rig()
     r.ledger.down = True
-    await r.deliver("a", 0)
-    await asyncio.sleep(0.05)
+    r.consumer.pending = [_raw("a", 0)]
+    stop = asyncio.Event()
+    running = asyncio.create_task(r.worker.run(stop))
+    await asyncio.sleep(60)  # several retries (backing off), each failing
     assert r.runner.submitted == [], "ran on a failed read of the store"
-    assert r.worker._work["a"].state == "waiting"
+    assert r.worker._work["a"].state == "waiting" and len(r.ledger.reads) >= 4
+    r.ledger.down = False
+    await asyncio.sleep(40)  # the next retry reads it
+    assert r.runner.submitted == ["a"]
+    r.runner.finish("a")
+    await asyncio.sleep(1)
+    stop.set()
+    await asyncio.wait_for(running, timeout=60)
+    assert len(r.results("a")) == 1 and r.consumer.committed == 1
+
+
+async def _redis_down(ids: list[str]) -> set[str]:
+    raise SideChannelUnavailable("redis down")
+
+
+async def test_drain_waits_for_the_generations_a_batch_in_preflight_starts() -> None:
+    store: dict[str, str] = {}
+    r = rig(store)
+    gate = r.slow(r.ledger, "dispatch_facts")
+    await r.deliver("a", 0)
+    assert r.worker._work["a"].state == "admitted"
+    renewing = asyncio.create_task(r.worker._renew_leases_forever())
+    draining = asyncio.create_task(r.worker._drain(renewing))  # grace 30 s
+    await asyncio.sleep(0.5)
+    gate.set()  # preflight answers inside the grace period: "a" starts
+    await asyncio.sleep(5)
+    assert not draining.done() and "a" in r.runner.live and "a" in store, "lease given up under a generation"
+    r.runner.finish("a")
+    await asyncio.wait_for(draining, timeout=60)
+    assert len(r.results("a")) == 1 and store["a"].startswith("done:")
+
+
+async def test_drain_past_its_grace_stops_what_a_batch_started_and_releases_its_lease() -> None:
+    store: dict[str, str] = {}
+    r = rig(store)
+    gate = r.slow(r.ledger, "dispatch_facts")
+    await r.deliver("a", 0)
+    renewing = asyncio.create_task(r.worker._renew_leases_forever())
+    draining = asyncio.create_task(r.worker._drain(renewing))
+    gate.set()
+    await asyncio.wait_for(draining, timeout=60)  # "a" never finishes: cut off after the grace period
+    assert "a" not in r.runner.live and "a" not in store and r.results("a") == []
+
+
+async def test_a_cancel_recorded_in_the_ledger_is_honoured_when_the_flag_cannot_be_read() -> None:
+    r = rig()
+    r.ledger.cancelled.add("a")  # Redis was down when the client cancelled: the ledger has it
+    r.cancels.flagged = _redis_down  # type: ignore[method-assign]
+    await r.deliver("a", 0)
+    assert r.runner.submitted == [] and r.results("a")[0].status is Status.CANCELLED
+
+
+async def test_a_cancel_kept_through_watching_ends_the_takeover_cancelled() -> None:
+    store = {"a": "w2/1"}  # another worker's attempt holds "a"
+    r = rig(store)
+    gate = r.slow(r.leases, "acquire_many")
+    await r.deliver("a", 0)
+    r.worker.cancel("a")  # the notification only (no flag, no ledger: both unreadable later)
+    gate.set()
+    await settle()
+    assert r.worker._work["a"].state == "watching"
+    del store["a"]  # w2 died before it saw the cancel; its lease expired
+    r.cancels.flagged = _redis_down  # type: ignore[method-assign]
+    await asyncio.sleep(2)
+    r.worker._start_admitted()
+    await settle()
+    assert r.runner.submitted == [] and r.results("a")[0].status is Status.CANCELLED
+
+
+async def test_one_request_the_store_cannot_read_holds_back_no_other_of_its_batch() -> None:
+    r = rig()
+    real = r.ledger.dispatch_facts
+
+    async def facts(ids: list[str]) -> dict[str, DispatchFacts]:
+        if "poison" in ids:  # not an outage: a row this worker cannot read
+            raise ValueError("'rejected' is not a valid Status")
+        return await real(ids)
+
+    r.ledger.dispatch_facts = facts  # type: ignore[method-assign]
+    await r.deliver_batch([("poison", 0)] + [(f"r{i}", i + 1) for i in range(5)])
+    assert sorted(r.runner.submitted) == [f"r{i}" for i in range(5)]
+    assert "poison" not in r.runner.submitted and r.worker._work["poison"].state == "waiting"
+
+
+async def test_work_revoked_in_preflight_and_sent_back_to_waiting_is_dropped() -> None:
+    r = rig()
+    r.ledger.strikes["s"] = 1  # a suspect, found at preflight: the rest of its batch defers to it
+    gate = r.slow(r.ledger, "dispatch_facts")
+    await r.deliver_batch([("s", 0), ("a", 1)])
+    r.worker.drop_revoked({TP})
+    gate.set()
+    await asyncio.sleep(1)
+    assert "a" not in r.worker._work and "s" not in r.worker._work, "orphans with no offsets kept"
+    assert r.runner.submitted == [] and r.worker._quarantine is None

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import ValidationError
 
-from inferlog.errors import SideChannelUnavailable
+from inferlog.errors import SideChannelUnavailable, StoreUnavailable
 from inferlog.leasing import LeaseState, Renewal
 from inferlog.messages import (
     FINISH_STATUS,
+    DispatchFacts,
     ErrorInfo,
     EventRecord,
     ResultRecord,
@@ -57,6 +57,8 @@ from inferlog_worker.runner import EngineFailed, GenerationDone, GenerationJob, 
 log = logging.getLogger(__name__)
 
 
+Verdict = Literal["run", "done", "watch", "defer"] | list[Outgoing]
+"""Preflight's decision for one admitted request (see ``GpuWorker._preflight``)."""
 WorkState = Literal["waiting", "admitted", "running", "publishing", "watching"]
 """waiting: queued for KV room · admitted: in preflight or recording its attempt · running: in the engine ·
 publishing: its result is being handed on · watching: another worker's lease holds it."""
@@ -123,7 +125,7 @@ class GpuWorker:
         self._recent_window_s = recent_window_s
         self._watchdog_s = engine_watchdog_s
         self._max_engine_failures = max_engine_failures
-        self._facts_pending: asyncio.Future[dict[str, tuple[Status | None, int]]] | None = None
+        self._facts_pending: asyncio.Future[dict[str, DispatchFacts]] | None = None
         self._quarantine: str | None = None
         """A suspect (a request that was in an engine failure) that has claimed the engine: it runs alone,
         so a second failure is its own and no bystander collects a strike beside it."""
@@ -188,14 +190,20 @@ class GpuWorker:
         self._consumer.pause_all()
         for watcher in list(self._watchers):  # another worker's work: nothing to wait for
             watcher.cancel()
-        running = list(self._generations)
-        if running:
-            log.info("draining %d generations (grace %.0fs)", len(running), self._grace_s)
-            _done, pending = await asyncio.wait(running, timeout=self._grace_s)
+        if self._generations:
+            log.info("draining %d tasks (grace %.0fs)", len(self._generations), self._grace_s)
+        # A batch in preflight starts its generations when it is answered: wait for those too (a lease given up
+        # under a running generation lets another worker generate it again).
+        deadline = self._clock() + self._grace_s
+        while (running := [t for t in self._generations if not t.done()]) and self._clock() < deadline:
+            await asyncio.wait(running, timeout=deadline - self._clock())
+        for _round in range(3):  # past the grace period: cancel, and cancel what a cancelled batch started
+            pending = [t for t in self._generations if not t.done()]
+            if not pending:
+                break
             for task in pending:
                 task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+            await asyncio.wait(pending, timeout=5)
         renewing.cancel()
         await self._best_effort(self._give_up_leases())
         await self._consumer.commit()
@@ -244,7 +252,7 @@ class GpuWorker:
     async def _watch_engine_forever(self) -> None:
         """The watchdog: requests in the engine and no engine step completed for ``engine_watchdog_s``
         means the engine hangs; it is failed like a crashed one."""
-        last_steps, last_change = self._runner.steps(), time.monotonic()
+        last_steps, last_change = self._runner.steps(), self._clock()
         while self._runner.failure is None:
             await asyncio.sleep(min(1.0, self._watchdog_s / 4))
             steps, busy = self._runner.steps(), len(self._runner.running_ids())
@@ -252,11 +260,17 @@ class GpuWorker:
             if stopped is not None:  # crashed without failing its requests (their outputs never came)
                 self._runner.fail(stopped)
             elif steps != last_steps or not busy:
-                last_steps, last_change = steps, time.monotonic()
-            elif time.monotonic() - last_change > self._watchdog_s:
+                last_steps, last_change = steps, self._clock()
+            elif self._clock() - last_change > self._watchdog_s:
                 self._runner.fail(f"no engine step completed in {self._watchdog_s:.0f}s with {busy} requests "
                                   "in the engine")
         self._progress.set()
+
+    @staticmethod
+    def _clock() -> float:
+        """The event loop's clock (monotonic): every timer here runs on it, so a test's fake loop time moves
+        them all together."""
+        return asyncio.get_running_loop().time()
 
     async def _wait_progress(self, timeout: float) -> None:
         try:
@@ -282,14 +296,14 @@ class GpuWorker:
         if not done or lookup.cancelled() or lookup.exception() is not None:
             return set()
         facts = lookup.result()
-        return {key for key, (terminal, failures) in facts.items() if terminal is None and self._is_suspect(failures)}
+        return {key for key, fact in facts.items() if fact.terminal is None and self._is_suspect(fact.engine_failures)}
 
     def _is_suspect(self, engine_failures: int) -> bool:
         """One more engine failure would end it: it runs alone, so it is only ever failed for a failure it
         was proven to cause (it was alone in the engine)."""
         return engine_failures > 0 and engine_failures >= self._max_engine_failures - 1
 
-    def _facts_settled(self, lookup: asyncio.Future[dict[str, tuple[Status | None, int]]]) -> None:
+    def _facts_settled(self, lookup: asyncio.Future[dict[str, DispatchFacts]]) -> None:
         self._facts_pending = None
         if not lookup.cancelled() and lookup.exception() is not None:
             log.debug("suspect lookup failed: %r", lookup.exception())
@@ -381,21 +395,43 @@ class GpuWorker:
             admitted = self._admission.admit_ready()
         for work in admitted:
             work.state = "admitted"  # from here on a revocation no longer drops it
-            self._spawn(self._generate(work), self._generations)
+        if admitted:
+            self._spawn(self._dispatch(admitted), self._generations)
 
-    async def _generate(self, work: _Work) -> None:
-        record = work.record
-        request_id = record.request_id
+    async def _dispatch(self, batch: list[_Work]) -> None:
+        """Preflight an admitted batch in one round trip per store (terminal check and strikes, cancel flags,
+        leases), then start each request the verdict lets run and settle the others."""
         try:
-            verdict = await self._preflight(work)
+            verdicts = await self._preflight(batch)
         except asyncio.CancelledError:
-            self._admission.release(request_id)
-            self._drop(work)
+            for work in batch:
+                self._admission.release(work.record.request_id)
+                self._drop(work)
             raise
         except Exception as exc:  # noqa: BLE001 - unknown is not "absent": never run on a failed read
-            self._admission.release(request_id)
-            self._retry_later(work, exc)
+            if len(batch) > 1 and not isinstance(exc, StoreUnavailable | SideChannelUnavailable):
+                # Not an outage: maybe one request the store cannot take. Preflight each alone, so one such
+                # request holds back nobody else (it alone goes on retrying).
+                log.warning("preflight of a batch of %d failed (%r): each alone", len(batch), exc)
+                for work in batch:
+                    self._spawn(self._dispatch([work]), self._generations)
+                return
+            for work in batch:
+                self._admission.release(work.record.request_id)
+                self._retry_later(work, exc)
             return
+        if self._runner.failure is not None:  # the engine failed meanwhile: record no attempt it cannot run
+            for work in batch:
+                self._admission.release(work.record.request_id)
+            self._progress.set()
+            return
+        assert len(verdicts) == len(batch), "one verdict (and one lease) per request of a batch"
+        for work in batch:
+            self._spawn(self._generate(work, verdicts[work.record.request_id]), self._generations)
+
+    async def _generate(self, work: _Work, verdict: Verdict) -> None:
+        record = work.record
+        request_id = record.request_id
         if verdict == "defer":  # the engine is reserved for a suspect running alone, or busy for one
             self._admission.release(request_id)
             self._offer_again(work, 0.2)
@@ -502,9 +538,13 @@ class GpuWorker:
     async def _offer_later(self, work: _Work, delay: float) -> None:
         await asyncio.sleep(delay)
         request_id = work.record.request_id
-        if self._work.get(request_id) is work and work.state == "waiting":
-            self._offer(work)
-            self._progress.set()
+        if self._work.get(request_id) is not work or work.state != "waiting":
+            return
+        if not work.positions:  # its partitions were revoked while it was admitted: the new owner has it
+            self._drop(work)
+            return
+        self._offer(work)
+        self._progress.set()
 
     def _unhold(self, work: _Work, *, leave_quarantine: bool = True) -> None:
         """This work no longer holds (or means to take) a lease, nor, unless told, the quarantine."""
@@ -524,7 +564,7 @@ class GpuWorker:
         """Watch another worker's attempt while this worker still has copies of the record to commit."""
         request_id = work.record.request_id
         self._unhold(work)
-        work.lease, work.lost, work.cancelled = None, False, False
+        work.lease, work.lost = None, False  # a cancel it got stays: a takeover ends it cancelled
         if work.positions and self._work.get(request_id) is work:
             work.state = "watching"
             self._spawn(self._watch(work), self._watchers)
@@ -532,49 +572,67 @@ class GpuWorker:
             self._drop(work)
 
     def _finished_recently(self, request_id: str) -> bool:
-        horizon = time.monotonic() - self._recent_window_s
+        horizon = self._clock() - self._recent_window_s
         while self._recent and next(iter(self._recent.values())) < horizon:
             self._recent.popitem(last=False)
         return request_id in self._recent
 
     def _remember_finished(self, request_id: str) -> None:
-        self._recent[request_id] = time.monotonic()
+        self._recent[request_id] = self._clock()
         self._recent.move_to_end(request_id)
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 
-    async def _preflight(self, work: _Work) -> str | list[Outgoing]:
-        """``run``; ``done`` (a terminal result is stored: skip it); ``watch`` (another attempt's lease,
-        live or done, holds it); or the records to publish instead of running it (cancelled before it ran;
-        failed after too many engine failures)."""
-        record = work.record
-        request_id = record.request_id
+    async def _preflight(self, batch: list[_Work]) -> dict[str, Verdict]:
+        """Per request of the batch: ``run``; ``done`` (a terminal result is stored: skip it); ``watch``
+        (another attempt's lease, live or done, holds it); ``defer`` (the engine is kept for a suspect); or
+        the records to publish instead of running it (cancelled before it ran; failed after too many engine
+        failures). One read of the ledger, one of the cancel flags, one lease round trip, for the batch."""
         side = self._side
+        verdicts: dict[str, Verdict] = {}
         if side.ledger is not None:  # (a StoreUnavailable is "unknown": the caller retries later, never runs)
-            terminal, engine_failures = (await side.ledger.dispatch_facts([request_id])).get(request_id, (None, 0))
-            if terminal is not None:
-                return "done"
-            if engine_failures >= self._max_engine_failures:
-                return self._engine_error(work, engine_failures)
-            if not self._may_enter_engine(work, suspect=self._is_suspect(engine_failures)):
-                return "defer"
-        if side.cancels is not None and await self._best_effort(side.cancels.flagged([request_id])):
-            return [(self._topics.results, request_id, self._cancelled(record))]
-        if work.cancelled:
-            return [(self._topics.results, request_id, self._cancelled(record))]
+            facts = await side.ledger.dispatch_facts([w.record.request_id for w in batch])
+            for work in batch:
+                fact = facts.get(work.record.request_id, DispatchFacts(None))
+                if fact.terminal is not None:
+                    verdicts[work.record.request_id] = "done"
+                elif fact.engine_failures >= self._max_engine_failures:
+                    verdicts[work.record.request_id] = self._engine_error(work, fact.engine_failures)
+                else:
+                    work.cancelled = work.cancelled or fact.cancelled
+                    work.suspect = work.suspect or self._is_suspect(fact.engine_failures)
+            for work in sorted(batch, key=lambda w: w.suspect):  # the others defer to a suspect among them
+                if work.record.request_id not in verdicts and not self._may_enter_engine(work):
+                    verdicts[work.record.request_id] = "defer"
+        open_ids = [w.record.request_id for w in batch if w.record.request_id not in verdicts]
+        flagged = await self._best_effort(side.cancels.flagged(open_ids)) if side.cancels and open_ids else None
+        for work in batch:
+            request_id = work.record.request_id
+            if request_id not in verdicts and (work.cancelled or request_id in (flagged or ())):
+                verdicts[request_id] = [(self._topics.results, request_id, self._cancelled(work.record))]
         if side.leases is not None:
-            value = side.leases.new_value()
+            wanted = {w.record.request_id: side.leases.new_value() for w in batch
+                      if w.record.request_id not in verdicts}
             try:
-                if not await side.leases.acquire(request_id, value):
-                    log.info("watching %s: another attempt's lease holds it", request_id)
-                    return "watch"
+                taken = await side.leases.acquire_many(wanted)
             except SideChannelUnavailable as exc:
-                # Redis down (AP): run on the terminal check alone; the renewal loop takes the lease as soon
-                # as Redis answers, and if another worker took it meanwhile this attempt is abandoned.
-                log.warning("lease for %s not taken (%s): running on the terminal check alone", request_id, exc)
-            work.lease = value
-            self._held[request_id] = work
-        return "run"
+                # Redis down (AP): run on the terminal check alone; the renewal loop takes the leases as soon
+                # as Redis answers, and an attempt whose lease another worker took meanwhile is abandoned.
+                log.warning("%d leases not taken (%s): running on the terminal check alone", len(wanted), exc)
+                taken = set(wanted)
+            for work in batch:
+                request_id = work.record.request_id
+                if request_id not in wanted:
+                    continue
+                if request_id not in taken:
+                    log.info("watching %s: another attempt's lease holds it", request_id)
+                    verdicts[request_id] = "watch"
+                    continue
+                work.lease = wanted[request_id]
+                self._held[request_id] = work
+        for work in batch:
+            verdicts.setdefault(work.record.request_id, "run")
+        return verdicts
 
     async def _watch(self, work: _Work) -> None:
         """Another attempt holds the lease: keep the offsets uncommitted until the request is terminal, or
@@ -602,11 +660,10 @@ class GpuWorker:
                 self._progress.set()
                 return
 
-    def _may_enter_engine(self, work: _Work, *, suspect: bool) -> bool:
+    def _may_enter_engine(self, work: _Work) -> bool:
         """Quarantine: a suspect claims the engine, waits until nothing else runs, and runs alone; nothing
         else starts while a suspect waits or runs, so suspects run back to back."""
         request_id = work.record.request_id
-        work.suspect = work.suspect or suspect
         if not work.suspect:
             return self._quarantine is None and not any(
                 w.suspect and w.state in ("waiting", "admitted") for w in self._work.values())
@@ -644,18 +701,20 @@ class GpuWorker:
                      worker_id=self.worker_id, finish_reason="cancelled", text="", timings=record.timings)
 
     def cancel(self, request_id: str) -> None:
-        """A cancel arrived: stop it if it runs here (its result says ``cancelled``), mark it if it is
-        admitted but not yet in the engine (it ends ``cancelled`` before it starts), or drop it if it waits."""
-        work = self._work.get(request_id)
-        if work is not None and work.state == "admitted":
-            work.cancelled = True
-            return
+        """A cancel arrived: stop it if it runs here (its result says ``cancelled``), drop it if it waits
+        for admission (it ends ``cancelled`` at once), else mark it: work in preflight, recording its
+        attempt or between two offers ends ``cancelled`` before the engine sees it."""
         if self._runner.cancel(request_id, "cancelled"):
             return
-        if work is not None and self._admission.discard_waiting(request_id):
+        work = self._work.get(request_id)
+        if work is None:
+            return
+        if work.state == "waiting" and self._admission.discard_waiting(request_id):
             self._drop(work)
             self._spawn(self._hand_on([(self._topics.results, request_id, self._cancelled(work.record))],
                                       work.positions, finished=request_id))
+        elif work.state != "publishing":
+            work.cancelled = True
 
     def _on_text(self, request_id: str, delta: str) -> None:
         self._deltas.append((request_id, {"d": delta}))
