@@ -22,6 +22,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now, query cancelled
     asyncpg.InternalClientError,  # a connection left mid-operation by a server that went away
+    asyncpg.exceptions.TransactionRollbackError,  # a deadlock or serialization failure: the retry succeeds
 )
 """Postgres errors that say "not now" rather than "never": callers turn them into StoreUnavailable."""
 

@@ -63,19 +63,33 @@ class Keys:
 class StatusCache:
     """Hot job views and terminal notifications."""
 
+    _PUT_FORWARD = """
+local current = redis.call('get', KEYS[1])
+if current then
+  local ok, old = pcall(cjson.decode, current)
+  if ok and type(old) == 'table' and tonumber(old['rank']) and tonumber(old['rank']) > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"""
+
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
 
     async def put_many(self, views: list[dict[str, Any]]) -> None:
-        """Write views (each with ``request_id`` and ``status``); announce the terminal ones."""
+        """Write views (each with ``request_id``, ``status`` and ``rank``); announce the terminal ones. Forward
+        only: a view whose status ranks below the stored one changes nothing (two store instances, one
+        applying a late ``running`` event after the other stored ``completed``, never move a poll back)."""
         if not views:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for view in views:
                 terminal = view.get("terminal", False)
-                pipe.set(self._keys.status(view["request_id"]), json.dumps(view),
-                         ex=STATUS_TTL_S if terminal else LIVE_STATUS_TTL_S)
+                pipe.eval(self._PUT_FORWARD, 1, self._keys.status(view["request_id"]), json.dumps(view),  # type: ignore[arg-type]
+                          int(view.get("rank", 0)), STATUS_TTL_S if terminal else LIVE_STATUS_TTL_S)
                 if terminal:
                     pipe.publish(self._keys.done(view["request_id"]), view["status"])
             await pipe.execute()

@@ -78,6 +78,23 @@ class Claim:
     cancel_requested: bool = False
 
 
+def store_text(text: str | None) -> tuple[str | None, bool]:
+    """Generated text as the ``results.text`` column holds it, and whether it is escaped: Postgres text
+    cannot hold NUL and asyncpg cannot send a lone surrogate, so such a text is kept as its JSON string
+    (ASCII), which ``load_text`` turns back into exactly the same text."""
+    if text is None:
+        return None, False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(text), True
+    return (json.dumps(text), True) if "\x00" in text else (text, False)
+
+
+def load_text(stored: str | None, escaped: bool | None) -> str | None:
+    return json.loads(stored) if escaped and stored is not None else stored
+
+
 @dataclass(frozen=True)
 class JobView:
     """What a poll returns about one job."""
@@ -101,7 +118,8 @@ class JobView:
 
     def to_hot(self) -> dict[str, Any]:
         """The form kept in Redis (inferlog.hot.StatusCache)."""
-        return {**dataclasses.asdict(self), "status": self.status.value, "terminal": self.status.is_terminal()}
+        return {**dataclasses.asdict(self), "status": self.status.value, "terminal": self.status.is_terminal(),
+                "rank": self.status.rank}
 
     @classmethod
     def from_hot(cls, hot: dict[str, Any]) -> JobView:
@@ -285,7 +303,8 @@ class RequestLedger:
             rows = await self._pool.fetch(
                 """
                 SELECT q.request_id, COALESCE(r.status, q.status) AS status,
-                       COALESCE(r.model, q.model) AS model, r.model_version, r.text, r.finish_reason,
+                       COALESCE(r.model, q.model) AS model, r.model_version, r.text, r.text_escaped,
+                       r.finish_reason,
                        r.prompt_tokens, r.completion_tokens, r.error, q.tenant,
                        q.timings || COALESCE(r.timings, '{}'::jsonb) AS timings
                   FROM requests q LEFT JOIN results r USING (request_id)
@@ -299,7 +318,7 @@ class RequestLedger:
                 status=Status(row["status"]),
                 model=row["model"],
                 model_version=row["model_version"],
-                text=row["text"],
+                text=load_text(row["text"], row["text_escaped"]),
                 finish_reason=row["finish_reason"],
                 prompt_tokens=row["prompt_tokens"],
                 completion_tokens=row["completion_tokens"],

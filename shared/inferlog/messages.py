@@ -7,16 +7,32 @@ Schema exported from these models (``inferlog schemas``), checked against them b
 
 from __future__ import annotations
 
+import hashlib
 import time
 from enum import StrEnum
-from typing import Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from inferlog.identity import MAX_JOB_KEY_LEN
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_REQUEST_ID_LEN = 128
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000): no stage can store it")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+"""A string no stage may be unable to store: NUL-free (Postgres text cannot hold NUL). Generated text is the
+one exception (``ResultRecord.text``), stored escaped."""
+Name = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_no_nul)]
+"""An identifier-like string: a model, a session, a worker; bounded (some are indexed)."""
+JobKey = Annotated[str, Field(min_length=1, max_length=MAX_JOB_KEY_LEN + 1), AfterValidator(_no_nul)]
+Stamp = Annotated[float, Field(allow_inf_nan=False)]
 
 
 def now() -> float:
@@ -72,18 +88,18 @@ class _Record(BaseModel):
 
 class ChatMessage(_Record):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
+    content: Text = Field(max_length=1_000_000)
 
 
 class Timings(_Record):
     """One definition of a request's timestamps (Unix seconds), filled in stage by stage."""
 
-    received_at: float | None = None
-    queued_at: float | None = None
-    tokenized_at: float | None = None
-    admitted_at: float | None = None
-    first_token_at: float | None = None
-    completed_at: float | None = None
+    received_at: Stamp | None = None
+    queued_at: Stamp | None = None
+    tokenized_at: Stamp | None = None
+    admitted_at: Stamp | None = None
+    first_token_at: Stamp | None = None
+    completed_at: Stamp | None = None
 
     def merged(self, **stamps: float | None) -> Timings:
         return self.model_copy(update={k: v for k, v in stamps.items() if v is not None})
@@ -103,7 +119,9 @@ class GenerationParams(_Record):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     """0 is greedy decoding (the default, so the same request gives the same answer)."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_no_nul)]] = Field(
+        default_factory=list, max_length=4)
+    """Each 1-256 characters: an empty stop sequence would end every generation at once."""
     seed: int | None = None
     """Accepted only with temperature 0 (see SEED_REFUSAL)."""
     ignore_eos: bool = False
@@ -116,16 +134,16 @@ class RequestRecord(_Record):
     ``request_id`` is the client's own ID, unique within its ``tenant`` (absent: the default tenant)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(min_length=1, max_length=MAX_REQUEST_ID_LEN)
-    model: str
+    request_id: Text = Field(min_length=1, max_length=MAX_REQUEST_ID_LEN)
+    model: Name
     messages: list[ChatMessage] | None = Field(default=None, repr=False)
-    prompt: str | None = Field(default=None, repr=False)
+    prompt: Text | None = Field(default=None, max_length=1_000_000, repr=False)
     params: GenerationParams
     priority: Priority = Priority.INTERACTIVE
-    session_id: str | None = None
+    session_id: Name | None = None
     tenant: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
     """The job's tenant (absent: the default tenant); ``request_id`` is unique within it."""
-    deadline_at: float | None = None
+    deadline_at: Stamp | None = None
     """Absolute deadline (Unix seconds); past it any stage ends the request ``expired``."""
     timings: Timings = Field(default_factory=Timings)
 
@@ -148,14 +166,14 @@ class TokenizedRecord(_Record):
     (``inferlog.identity.job_key``): the client's ID for the default tenant, ``<tenant>/<id>`` otherwise."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(min_length=1, max_length=MAX_JOB_KEY_LEN + 1)
-    model: str
+    request_id: JobKey
+    model: Name
     input_ids: list[int] = Field(repr=False, min_length=1)
     params: GenerationParams
     priority: Priority = Priority.INTERACTIVE
-    session_id: str | None = None
-    tenant: str | None = None
-    deadline_at: float | None = None
+    session_id: Name | None = None
+    tenant: Name | None = None
+    deadline_at: Stamp | None = None
     timings: Timings = Field(default_factory=Timings)
 
 
@@ -163,12 +181,12 @@ class EventRecord(_Record):
     """``<prefix>.events.v1``, key ``request_id``: a status transition, with the timings so far."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str
+    request_id: JobKey
     status: Status
     stage: Literal["gateway", "tokenizer", "gpu-worker", "result-store"]
-    at: float = Field(default_factory=now)
+    at: Stamp = Field(default_factory=now)
     timings: Timings = Field(default_factory=Timings)
-    worker_id: str | None = None
+    worker_id: Name | None = None
 
 
 class Usage(_Record):
@@ -189,17 +207,32 @@ class ResultRecord(_Record):
     """``<prefix>.results.v1``, key ``request_id``: the terminal outcome. The store keeps the first one."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str
+    request_id: JobKey
     status: Status
-    model: str | None = None
-    model_version: str | None = None
+    model: Name | None = None
+    model_version: Name | None = None
     text: str | None = Field(default=None, repr=False)
+    """The generated text, whatever its characters (NUL included: the store keeps it escaped)."""
     finish_reason: FinishReason | None = None
     usage: Usage = Field(default_factory=Usage)
     error: ErrorInfo | None = None
     timings: Timings = Field(default_factory=Timings)
-    worker_id: str | None = None
-    tenant: str | None = None
+    worker_id: Name | None = None
+    tenant: Name | None = None
+
+    @field_validator("status")
+    @classmethod
+    def _terminal(cls, status: Status) -> Status:
+        # A non-terminal "result" would be stored first-writer-wins: the job would show it forever and every
+        # worker's terminal check would skip the job forever.
+        if not status.is_terminal():
+            raise ValueError(f"a result's status must be terminal, not {status.value!r}")
+        return status
+
+
+DEAD_LETTER_VALUE_CHARS = 16_384
+"""How much of the original record a dead letter keeps (its length and hash say the rest): a dead letter
+must fit where the original may not (a record over the broker's size limit)."""
 
 
 class DeadLetter(_Record):
@@ -213,8 +246,14 @@ class DeadLetter(_Record):
     offset: int
     request_id: str | None = None
     value: str = Field(repr=False)
-    """The original record's bytes, decoded as UTF-8 with replacement."""
+    """The original record's bytes, decoded as UTF-8 with replacement; at most ``DEAD_LETTER_VALUE_CHARS``
+    of them (``truncated`` says when it is a prefix)."""
     at: float = Field(default_factory=now)
+    value_bytes: int | None = None
+    """The original record's size in bytes."""
+    value_sha256: str | None = None
+    """The SHA-256 of the original record's bytes (hex), to match it against the log."""
+    truncated: bool = False
 
 
 FINISH_STATUS: dict[str, Status] = {
@@ -237,12 +276,20 @@ def ended(request_id: str, status: Status, *, message: str | None = None, code: 
                         timings=(timings or Timings()).merged(completed_at=now()))
 
 
+def _printable(text: str) -> str:
+    """Any str as a record can carry it (a lone surrogate becomes U+FFFD)."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def dead_letter(stage: str, error: str, *, topic: str, partition: int, offset: int, request_id: str | None,
                 value: bytes | str | None) -> DeadLetter:
     """A record that can never succeed, set aside with where it came from and why."""
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
-    return DeadLetter(stage=stage, error=error, topic=topic, partition=partition, offset=offset,
-                      request_id=request_id, value=text)
+    raw = value if isinstance(value, bytes) else (value or "").encode("utf-8", "surrogatepass")
+    full = raw.decode("utf-8", "replace")
+    text, truncated = full[:DEAD_LETTER_VALUE_CHARS], len(full) > DEAD_LETTER_VALUE_CHARS
+    return DeadLetter(stage=stage, error=_printable(error)[:2000], topic=topic, partition=partition, offset=offset,
+                      request_id=_printable(request_id)[:MAX_JOB_KEY_LEN + 1] if request_id else request_id, value=text,
+                      value_bytes=len(raw), value_sha256=hashlib.sha256(raw).hexdigest(), truncated=truncated)
 
 
 EXPORTED_MODELS: dict[str, type[BaseModel]] = {

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from inferlog.errors import SideChannelUnavailable, StoreUnavailable
 from inferlog.leasing import LeaseState, Renewal
@@ -30,7 +31,9 @@ from inferlog_worker.admission import Capacity, KvAdmission
 from inferlog_worker.dispatch import GpuWorker, SideChannels
 from inferlog_worker.runner import EngineFailed, GenerationDone, GenerationJob
 
-pytestmark = pytest.mark.looptime
+# Each test on a fresh event loop of its own with fake time: the session's shared loop can hold what earlier
+# tests left behind (connections, tasks), and fake time only jumps while the loop is otherwise idle.
+pytestmark = [pytest.mark.looptime, pytest.mark.asyncio(loop_scope="function")]
 
 TP = ("p.tokenized.interactive.v1", 0)
 TOPICS = Topics("p", 4)
@@ -273,14 +276,15 @@ class Rig:
 RIGS: list[Rig] = []
 
 
-@pytest.fixture(autouse=True)
+@pytest_asyncio.fixture(autouse=True, loop_scope="function")
 async def _stop_rigs() -> Any:
-    """Each test's worker tasks end with it (the loop is shared by the session)."""
+    """Each test's worker tasks end with it, on its loop."""
     yield
-    while RIGS:
-        worker = RIGS.pop().worker
-        for task in list(worker._tasks):
-            task.cancel()
+    tasks = [task for rig in RIGS for task in rig.worker._tasks]
+    RIGS.clear()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def settle(rounds: int = 20) -> None:
@@ -564,3 +568,15 @@ async def test_work_revoked_in_preflight_and_sent_back_to_waiting_is_dropped() -
     await asyncio.sleep(1)
     assert "a" not in r.worker._work and "s" not in r.worker._work, "orphans with no offsets kept"
     assert r.runner.submitted == [] and r.worker._quarantine is None
+
+
+@pytest.mark.parametrize("key", [b"ok-key", b"nul\x00key", b"k" * 600])
+async def test_an_unreadable_record_is_dead_lettered_whatever_its_key(key: bytes) -> None:
+    r = rig()
+    raw = SimpleNamespace(topic=TP[0], partition=TP[1], offset=3, key=key,
+                          value=b'{"request_id": "x", "model": "m", "input_ids": [1], "params": {"max_tokens": 1}, '
+                                b'"session_id": "s\\u0000"}')
+    await r.worker._triage(raw)
+    await settle()
+    assert [topic for topic, _key, _record in r.published][0] == TOPICS.dlq and 3 in r.consumer.finished
+    assert len(r.published) == (2 if key == b"ok-key" else 1), "a failed result only under a key it can carry"

@@ -318,9 +318,12 @@ class GpuWorker:
             outgoing: list[Outgoing] = [(self._topics.dlq, request_id, dead_letter(
                 "gpu-worker", reason, topic=raw.topic, partition=raw.partition, offset=raw.offset,
                 request_id=request_id, value=raw.value))]
-            if request_id:
-                outgoing.append((self._topics.results, request_id, ended(
-                    request_id, Status.FAILED, message=reason, code="invalid_record", worker_id=self.worker_id)))
+            try:  # a failed result too, if the record's key is one a result can carry (no NUL, bounded)
+                if request_id:
+                    outgoing.append((self._topics.results, request_id, ended(
+                        request_id, Status.FAILED, message=reason, code="invalid_record", worker_id=self.worker_id)))
+            except ValidationError:
+                pass
             self._spawn(self._hand_on(outgoing, [(tp, raw.offset)]))
             return
         existing = self._work.get(record.request_id)

@@ -9,9 +9,9 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from inferlog.hot import Leases, StatusCache
-from inferlog.kafka import publish_all
+from inferlog.kafka import Outgoing, publish_all
 from inferlog.ledger import RequestLedger
-from inferlog.messages import DeadLetter, EventRecord, ResultRecord, dead_letter
+from inferlog.messages import DeadLetter, EventRecord, ResultRecord, Status, dead_letter, ended
 from inferlog.topics import Topics
 from inferlog_store.sink import ResultSink
 
@@ -33,24 +33,44 @@ class StoreHandler:
         events: list[EventRecord] = []
         results: list[ResultRecord] = []
         dead: list[DeadLetter] = []
+        origin: dict[int, ConsumerRecord] = {}
+        """Each decoded record's source (by the decoded record's id), to dead-letter it if Postgres rejects it."""
         for record in records:
             try:
                 if record.topic == self._topics.results:
-                    results.append(ResultRecord.model_validate_json(record.value or b""))
+                    decoded: EventRecord | ResultRecord = ResultRecord.model_validate_json(record.value or b"")
+                    results.append(decoded)  # type: ignore[arg-type]
                 else:
-                    events.append(EventRecord.model_validate_json(record.value or b""))
+                    decoded = EventRecord.model_validate_json(record.value or b"")
+                    events.append(decoded)
+                origin[id(decoded)] = record
             except ValidationError as exc:
-                dead.append(dead_letter(
-                    "result-store", str(exc.errors()[0].get("msg")), topic=record.topic,
-                    partition=record.partition, offset=record.offset,
-                    request_id=record.key.decode("utf-8", "replace") if record.key else None, value=record.value))
-        if dead:  # a record that can never be applied is set aside before anything is committed past it
-            await publish_all(self._producer, [(self._topics.dlq, d.request_id, d) for d in dead])
+                dead.append(self._dead(record, str(exc.errors()[0].get("msg"))))
+        rejected = await self._sink.apply(events, results)
+        # A record the store can never hold is set aside before anything is committed past it. A rejected
+        # result still ends its request: a `failed` one stands in for it (on the log too, so a rebuilt store
+        # agrees), unless even that cannot be stored (its ID itself is unstorable): the dead letter alone.
+        dead += [self._dead(origin[id(r)], f"the store cannot hold this record: {exc}") for r, exc in rejected]
+        substitutes = [_unstorable(r) for r, _exc in rejected if isinstance(r, ResultRecord)]
+        unstorable = {id(r) for r, _exc in await self._sink.apply([], substitutes)} if substitutes else set()
+        substitutes = [r for r in substitutes if id(r) not in unstorable]
+        outgoing: list[Outgoing] = [(self._topics.dlq, d.request_id, d) for d in dead]
+        outgoing += [(self._topics.results, r.request_id, r) for r in substitutes]
+        if outgoing:
+            await publish_all(self._producer, outgoing)
             for d in dead:
                 log.warning("dead-lettered %s@%s:%s: %s", d.topic, d.partition, d.offset, d.error)
-        await self._sink.apply(events, results)
+        unstored = {id(r) for r, _exc in rejected}
+        events = [e for e in events if id(e) not in unstored]
+        results = [r for r in results if id(r) not in unstored] + substitutes
         await self._refresh_hot({e.request_id for e in events} | {r.request_id for r in results})
         await self._forget_leases(sorted({r.request_id for r in results if r.status.is_terminal()}))
+
+    @staticmethod
+    def _dead(record: ConsumerRecord, reason: str) -> DeadLetter:
+        return dead_letter("result-store", reason, topic=record.topic, partition=record.partition,
+                           offset=record.offset, request_id=record.key.decode("utf-8", "replace") if record.key else None,
+                           value=record.value)
 
     async def _forget_leases(self, request_ids: list[str]) -> None:
         """A worker keeps a finished request's lease (marked done) until its result is recorded, so no
@@ -72,3 +92,11 @@ class StoreHandler:
             await self._hot.put_many([v.to_hot() for v in views])
         except (RedisError, OSError) as exc:
             log.warning("hot status not refreshed for %d requests: %s", len(views), exc)
+
+
+def _unstorable(result: ResultRecord) -> ResultRecord:
+    """What stands in for a result the store rejected: its request ends ``failed``, with none of the fields
+    that may have been the trouble."""
+    return ended(result.request_id, Status.FAILED, code="result_unstorable", error_type="server_error",
+                 finish_reason="error", message="The request's result could not be stored (it is kept in the "
+                 "dead-letter topic); retry the request with another request_id.")

@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from inferlog.errors import InvalidRequest
 from inferlog.identity import MAX_JOB_KEY_LEN, job_key
@@ -15,6 +15,7 @@ from inferlog.ledger import key_of
 from inferlog.messages import (
     SEED_REFUSAL,
     DeadLetter,
+    JobKey,
     RequestRecord,
     ResultRecord,
     Status,
@@ -144,8 +145,24 @@ class RequestPreparer:
             ))
 
 
+_JOB_KEY: TypeAdapter[str] = TypeAdapter(JobKey)
+
+
 def _request_id_of(raw: RawRecord) -> str | None:
-    """The job key of a broken record: from its body's ID and tenant if readable, else its record key."""
+    """The job key of a broken record (None if it has none a result could carry: NUL, a lone surrogate, too
+    long)."""
+    key = _key_candidate(raw)
+    if key is None:
+        return None
+    try:
+        key.encode("utf-8")
+        return _JOB_KEY.validate_python(key)
+    except (UnicodeEncodeError, ValidationError):
+        return None
+
+
+def _key_candidate(raw: RawRecord) -> str | None:
+    """From the broken record's body's ID and tenant if readable, else its record key."""
     try:
         value = json.loads(raw.value or b"")
         candidate = value.get("request_id") if isinstance(value, dict) else None
