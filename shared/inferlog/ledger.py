@@ -142,13 +142,17 @@ class RequestLedger:
             raise outcome
         return outcome
 
-    async def claim_many(self, records: list[RequestRecord], sent_hashes: list[str | None] | None = None
-                         ) -> list[Claim | IdempotencyConflict]:
+    async def claim_many(self, records: list[RequestRecord], sent_hashes: list[str | None] | None = None, *,
+                         on_log: bool = False) -> list[Claim | IdempotencyConflict]:
         """Claim each record's job in one round trip; per record, its Claim or the conflict it hit.
 
         A row the result-store created on first sight of an unclaimed job (no payload yet) is claimed too,
         unless it is already terminal (a broken record's ``failed`` result holds that key): then the key is
         taken, and claiming it is a conflict.
+
+        ``on_log``: the records are on the requests topic already (the tokenizer claims a direct producer's
+        records): their rows are published, so no outbox relay ever produces them again. A gateway claims
+        before it produces (``on_log`` False): its row stays unpublished until the broker acknowledges.
         """
         digests = [payload_hash(r) for r in records]
         sent = sent_hashes or [None] * len(records)
@@ -161,14 +165,15 @@ class RequestLedger:
                     for row in await conn.fetch(
                         f"""
                         INSERT INTO requests (request_id, payload, payload_hash, tenant, model, priority,
-                                              status, status_rank, deadline_at, timings, request_hash)
-                        SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[], $5::text[],
-                                             $6::text[], $7::text[], $8::smallint[], $9::float8[], $10::jsonb[],
-                                             $11::text[])
+                                              status, status_rank, deadline_at, timings, request_hash, published)
+                        SELECT *, $12::boolean FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[],
+                                             $5::text[], $6::text[], $7::text[], $8::smallint[], $9::float8[],
+                                             $10::jsonb[], $11::text[])
                         ON CONFLICT (request_id) DO UPDATE
                             SET payload = EXCLUDED.payload, payload_hash = EXCLUDED.payload_hash,
                                 tenant = EXCLUDED.tenant, model = EXCLUDED.model, priority = EXCLUDED.priority,
-                                deadline_at = EXCLUDED.deadline_at, request_hash = EXCLUDED.request_hash
+                                deadline_at = EXCLUDED.deadline_at, request_hash = EXCLUDED.request_hash,
+                                published = requests.published OR EXCLUDED.published
                             WHERE requests.payload_hash IS NULL AND requests.status_rank < {TERMINAL_RANK}
                         RETURNING request_id
                         """,
@@ -183,8 +188,14 @@ class RequestLedger:
                         [r.deadline_at for _k, r, _h in firsts],
                         [r.timings.model_dump_json(exclude_none=True) for _k, r, _h in firsts],
                         [h for _k, _r, h in firsts],
+                        on_log,
                     )
                 }
+                if on_log:  # a gateway's claim whose very record is on the log now is published too
+                    await conn.execute(
+                        "UPDATE requests SET published = true FROM unnest($1::text[], $2::text[]) AS t(k, h) "
+                        "WHERE requests.request_id = t.k AND requests.payload_hash = t.h AND NOT requests.published",
+                        keys, digests)
                 existing = {
                     row["request_id"]: row
                     for row in await conn.fetch(

@@ -264,3 +264,33 @@ async def test_a_conflicting_direct_record_is_never_generated(stack: RunningStac
         await producer.stop()
     assert (await wait_terminal(http, "d-after"))["status"] == "completed"  # processed after the conflict
     assert (await http.get(f"/v1/requests/{original}")).json() == job  # the original job is untouched
+
+
+async def test_direct_records_are_on_the_log_once_and_generated_once(stack: RunningStack,
+                                                                     http: httpx.AsyncClient) -> None:
+    """A direct producer's records, claimed by the tokenizer, are never produced again by the gateway's
+    outbox relay (it used to, a few seconds later): read past the relay's grace, the requests topic holds
+    each once, and each was attempted once, while the relay stayed healthy."""
+    from aiokafka import AIOKafkaProducer
+
+    from inferlog.messages import EventRecord
+    from tests.faults.harness import read_topic
+
+    topics = Topics.from_settings(stack.settings)
+    ids = [f"d-once-{i}" for i in range(5)]
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        for request_id in ids:
+            await producer.send_and_wait(topics.requests, _direct(request_id), key=request_id.encode())
+    finally:
+        await producer.stop()
+    for request_id in ids:
+        assert (await wait_terminal(http, request_id))["status"] == "completed"
+    await asyncio.sleep(10)  # several relay intervals past its grace
+    assert (await http.get("/readyz")).json()["checks"]["outbox"] == "ok"
+    on_log = [key.decode() for key, _value in await read_topic(stack.settings, topics.requests) if key]
+    assert {request_id: on_log.count(request_id) for request_id in ids} == dict.fromkeys(ids, 1)
+    attempts = [EventRecord.model_validate_json(value) for _key, value in await read_topic(stack.settings, topics.events)]
+    running = [e.request_id for e in attempts if e.stage == "gpu-worker" and e.status.value == "running"]
+    assert {request_id: running.count(request_id) for request_id in ids} == dict.fromkeys(ids, 1)

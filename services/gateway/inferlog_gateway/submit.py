@@ -43,7 +43,11 @@ class Submitter:
             log.warning("produce of %s failed (%r): accepted; the outbox relay will publish it",
                         record.request_id, exc)
             return claim
-        await self._ledger.mark_published(claim.request_id, queued_at)
+        try:
+            await self._ledger.mark_published(claim.request_id, queued_at)
+        except StoreUnavailable as exc:  # the broker has the record: accepted, whatever the bookkeeping says
+            log.warning("%s is on the log but not marked published (%s): the tokenizer marks it when it reads "
+                        "it; at worst the relay produces a second copy of the same job", record.request_id, exc)
         return Claim(claim.request_id, created=True, status=Status.QUEUED)
 
     async def publish(self, records: list[RequestRecord]) -> None:
@@ -76,6 +80,10 @@ class OutboxRelay:
             except (KafkaError, TimeoutError, OSError, StoreUnavailable) as exc:
                 self.healthy = False
                 log.warning("outbox relay step failed: %r", exc)
+            except Exception:  # noqa: BLE001 - supervised: never die silently; /readyz shows it unhealthy
+                self.healthy = False
+                log.exception("outbox relay step failed unexpectedly; retrying")
+                await asyncio.sleep(min(30.0, self._interval_s * 10))
             await asyncio.sleep(self._interval_s)
 
     async def step(self) -> int:

@@ -55,7 +55,8 @@ class TokenizeHandler:
         assert self._ledger is not None
         if not parsed:
             return []
-        outcomes = await self._ledger.claim_many([record for _raw, record in parsed])
+        # on_log: these records are on the requests topic already; no outbox relay may produce them again.
+        outcomes = await self._ledger.claim_many([record for _raw, record in parsed], on_log=True)
         ours: list[tuple[RawRecord, RequestRecord]] = []
         seen: set[str] = set()
         for (raw, record), outcome in zip(parsed, outcomes, strict=True):
