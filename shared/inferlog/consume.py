@@ -3,8 +3,8 @@
 Their records finish in fetch order, so a batch is: fetch, hand every record on durably (the handler
 returns only after the broker or Postgres acknowledged its output), then commit each partition past the
 batch. A crash between the two re-reads the batch, which the idempotent sinks absorb. Records that can
-never succeed are the handler's to dead-letter; an exception from it (a store or broker outage) stops
-the loop with nothing committed.
+never succeed are the handler's to dead-letter; an outage is waited out with nothing committed; a failed
+commit (a rebalance) is logged and the batch is read again by the partition's owner.
 
 (FastStream's Kafka subscriber would do the same; this loop is kept to aiokafka so every service has
 one explicit ack policy and the same consumer settings.)
@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
@@ -43,7 +43,13 @@ async def run_in_order(
             continue
         records = [record for batch in fetched.values() for record in batch]
         await _until_handed_on(handle, records, stop)
-        await consumer.commit(_past_last(fetched))
+        try:
+            await consumer.commit(_past_last(fetched))
+        except (KafkaError, IllegalStateError) as exc:  # CommitFailedError is a KafkaError
+            # A rebalance took the partitions (or this member was dropped after a long outage): whoever owns
+            # them now re-reads the batch from the last commit, and the idempotent sinks absorb it. Not an
+            # exit: aiokafka re-joins the group on the next fetch.
+            log.warning("commit of a handed-on batch of %d failed (%r): it will be read again", len(records), exc)
 
 
 TRANSIENT = (RetryableError, KafkaError, OSError, TimeoutError)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from typing import Any
 
@@ -88,6 +89,7 @@ return 1
         async with self._redis.pipeline(transaction=False) as pipe:
             for view in views:
                 terminal = view.get("terminal", False)
+                view = {**view, "hot_at": time.time()}  # when the store wrote it: a reader can tell it is stale
                 pipe.eval(self._PUT_FORWARD, 1, self._keys.status(view["request_id"]), json.dumps(view),  # type: ignore[arg-type]
                           int(view.get("rank", 0)), STATUS_TTL_S if terminal else LIVE_STATUS_TTL_S)
                 if terminal:
@@ -98,19 +100,28 @@ return 1
         raw = await self._redis.get(self._keys.status(request_id))
         return json.loads(raw) if raw else None
 
-    async def wait_done(self, request_id: str, timeout: float, is_done) -> bool:  # type: ignore[no-untyped-def]
+    async def wait_done(self, request_id: str, timeout: float, is_done,  # type: ignore[no-untyped-def]
+                        recheck_s: float = 2.0) -> bool:
         """Wait up to ``timeout`` for the job's terminal notification. ``is_done`` (async, re-reads the
-        store) is checked after subscribing, so a notification sent just before is not missed."""
+        store) is checked after subscribing, so a notification sent just before is not missed, and again
+        every ``recheck_s``: a notification the store failed to send (Redis blipped) costs at most that."""
         pubsub = self._redis.pubsub()
         await pubsub.subscribe(self._keys.done(request_id))
         try:
             if await is_done():
                 return True
-            deadline = asyncio.get_running_loop().time() + timeout
-            while (left := deadline - asyncio.get_running_loop().time()) > 0:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(left, 1.0))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            next_check = loop.time() + recheck_s
+            while (left := deadline - loop.time()) > 0:
+                message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                   timeout=max(0.0, min(left, next_check - loop.time(), 1.0)))
                 if message is not None:
                     return True
+                if loop.time() >= next_check:
+                    if await is_done():
+                        return True
+                    next_check = loop.time() + recheck_s
             return bool(await is_done())
         finally:
             await pubsub.unsubscribe()

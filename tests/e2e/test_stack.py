@@ -294,3 +294,35 @@ async def test_direct_records_are_on_the_log_once_and_generated_once(stack: Runn
     attempts = [EventRecord.model_validate_json(value) for _key, value in await read_topic(stack.settings, topics.events)]
     running = [e.request_id for e in attempts if e.stage == "gpu-worker" and e.status.value == "running"]
     assert {request_id: running.count(request_id) for request_id in ids} == dict.fromkeys(ids, 1)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+async def test_a_body_of_several_megabytes_sent_in_one_write_gets_its_413(stack: RunningStack,
+                                                                          declared: bool) -> None:
+    """The client writes its whole body, then reads: the 413 envelope must be there to read (answering
+    mid-body and closing the connection under the client would show it a reset instead). Measured: uvicorn
+    already lets the client finish its write (6 MB and 40 MB, declared or chunked); this guards that."""
+    from urllib.parse import urlparse
+
+    url = urlparse(stack.url)
+    body = b'{"prompt": "' + b"x" * 6_000_000 + b'"}'
+    if declared:
+        head = f"POST /v1/requests HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: application/json\r\n" \
+               f"Content-Length: {len(body)}\r\n\r\n".encode()
+        payload = head + body
+    else:
+        head = f"POST /v1/requests HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: application/json\r\n" \
+               "Transfer-Encoding: chunked\r\n\r\n".encode()
+        payload = head + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(payload)  # one write of several MB
+        await writer.drain()
+        head_bytes = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
+        headers = dict(line.split(b": ", 1) for line in head_bytes.split(b"\r\n")[1:] if b": " in line)
+        content = await asyncio.wait_for(reader.readexactly(int(headers[b"content-length"])), timeout=30)
+    finally:
+        writer.close()
+    assert b" 413 " in head_bytes.split(b"\r\n")[0], head_bytes[:300]
+    error = json.loads(content)["error"]
+    assert error["code"] == "request_too_large" and set(error) == {"message", "type", "param", "code"}

@@ -136,6 +136,14 @@ BAD_INPUTS: list[tuple[str, bytes | dict[str, Any], dict[str, str], int, str | N
     ("NUL in the prompt", {"prompt": "a\u0000b"}, {}, 400, None),
     ("NUL in a message", {"messages": [{"role": "user", "content": "\u0000"}]}, {}, 400, None),
     ("integer too long to convert", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", JSON, 400, None),
+    ("NUL in a stop", {"messages": CHAT, "stop": ["a\u0000"]}, {}, 400, None),
+    ("NUL in the session", {"messages": CHAT, "session_id": "s\u0000"}, {}, 400, None),
+    ("NUL in the request_id", {"messages": CHAT, "request_id": "a\u0000b"}, {}, 400, None),
+    ("NUL in an object key", b'{"prompt": "x", "a\\u0000": 1}', JSON, 400, None),
+    ("empty stop", {"messages": CHAT, "stop": [""]}, {}, 400, "stop"),
+    ("session too long", {"messages": CHAT, "session_id": "s" * 300}, {}, 400, "session_id"),
+    ("model too long", {"messages": CHAT, "model": "m" * 300}, {}, 400, "model"),
+    ("Idempotency-Key too long", {"messages": CHAT}, {"Idempotency-Key": "k" * 300}, 400, None),
 ]
 
 
@@ -153,6 +161,12 @@ async def test_a_forged_cursor_is_400(client: httpx.AsyncClient, created: str) -
     cursor = base64.urlsafe_b64encode(f"{created}|x".encode()).decode()
     response = await client.get("/v1/requests", params={"cursor": cursor})
     assert response.status_code == 400 and response.json()["error"]["param"] == "cursor", response.text
+
+
+@pytest.mark.parametrize("since", ["1e300", "nan", "inf", "-1", "yesterday"])
+async def test_a_since_no_clock_holds_is_400(client: httpx.AsyncClient, since: str) -> None:
+    response = await client.get("/v1/requests", params={"since": since})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "since", response.text
 
 
 @pytest.mark.parametrize(("case", "body", "headers", "status", "param"), BAD_INPUTS,

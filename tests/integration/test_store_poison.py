@@ -123,3 +123,24 @@ async def test_hot_status_only_moves_forward(settings: InferlogSettings) -> None
         assert JobView.from_hot(hot).status is Status.COMPLETED
     finally:
         await redis.aclose()
+
+
+async def test_a_long_poll_sees_a_terminal_job_whose_notification_never_came() -> None:
+    """The store recorded the result but its Redis notification failed: the long-poll re-checks the store
+    every couple of seconds instead of waiting its whole time."""
+    import asyncio
+
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        cache = StatusCache(redis, Keys(f"lp{uuid.uuid4().hex[:6]}"))
+        loop = asyncio.get_running_loop()
+        recorded_at = loop.time() + 0.5
+
+        async def terminal_in_store() -> bool:
+            return loop.time() >= recorded_at  # recorded half a second in; nothing is ever published
+
+        started = loop.time()
+        assert await cache.wait_done("j", 30.0, terminal_in_store, recheck_s=1.0)
+        assert loop.time() - started < 5.0, "the long-poll waited for a notification that never came"
+    finally:
+        await redis.aclose()

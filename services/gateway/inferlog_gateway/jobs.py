@@ -19,6 +19,9 @@ from inferlog.messages import now
 log = logging.getLogger(__name__)
 
 POLL_FALLBACK_S = 0.5
+HOT_FRESH_S = 5.0
+"""A hot view of a job still in progress older than this is checked against Postgres: the store's later
+write (its terminal status) may have failed to reach Redis."""
 
 
 class JobReader:
@@ -41,7 +44,7 @@ class JobReader:
             try:
                 async with self._guard():
                     hot = await self._hot.get(request_id)
-                if hot is not None:
+                if hot is not None and (hot.get("terminal") or now() - float(hot.get("hot_at", 0)) < HOT_FRESH_S):
                     return JobView.from_hot(hot)
             except (RedisError, OSError) as exc:
                 log.warning("hot status unavailable, reading Postgres: %s", exc)

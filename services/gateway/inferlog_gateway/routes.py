@@ -132,7 +132,7 @@ async def stream_request(request_id: str, request: Request) -> StreamingResponse
 
 
 @router.get("/v1/requests")
-async def list_requests(request: Request, status: Status | None = None, since: float | None = Query(None, ge=0),
+async def list_requests(request: Request, status: Status | None = None, since: float | None = Query(None, ge=0, lt=1e11),
                         limit: int = Query(20, ge=1, le=100), cursor: str | None = None) -> dict[str, Any]:
     """The caller's jobs, newest first. ``next_cursor`` fetches the next page."""
     state = _state(request)
