@@ -336,3 +336,28 @@ def describe(report: Report) -> str:
     return json.dumps({"accepted": report.accepted, "lost": len(report.lost), "conflicting": len(report.conflicting),
                        "generations": report.generations, "regenerated": len(report.regenerated),
                        "statuses": report.statuses})
+
+
+async def lagging(settings: InferlogSettings, group: str, topics: list[str],
+                  timeout: float = 30) -> list[tuple[str, int, int, int]]:
+    """The partitions of ``topics`` whose committed offset for ``group`` is below the high-water mark, as
+    (topic, partition, committed, high-water). Reads the group's offsets without joining it."""
+    consumer = make_consumer(settings.kafka_bootstrap, group)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        assert tps, f"no partitions known for {topics}"
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout
+        while any(consumer.highwater(tp) is None for tp in tps):  # a fetch response carries the high-water
+            await consumer.getmany(timeout_ms=200, max_records=1)
+            assert time.monotonic() < deadline, "high-water marks not learned in time"
+        out = []
+        for tp in tps:
+            committed, highwater = await consumer.committed(tp) or 0, consumer.highwater(tp) or 0
+            if committed < highwater:
+                out.append((tp.topic, tp.partition, committed, highwater))
+        return out
+    finally:
+        await consumer.stop()
