@@ -326,3 +326,41 @@ async def test_a_body_of_several_megabytes_sent_in_one_write_gets_its_413(stack:
     assert b" 413 " in head_bytes.split(b"\r\n")[0], head_bytes[:300]
     error = json.loads(content)["error"]
     assert error["code"] == "request_too_large" and set(error) == {"message", "type", "param", "code"}
+
+
+async def test_a_conflict_sent_while_the_original_runs_is_dead_lettered_and_never_attempted(
+        stack: RunningStack, http: httpx.AsyncClient) -> None:
+    """A direct record that reuses a running job's ID with another payload: the tokenizer dead-letters it as
+    a conflict. Sent while the original still runs (after it ended, the worker's terminal check would hide
+    a tokenizer that forwarded it), and counted by attempts, not outcomes."""
+    from aiokafka import AIOKafkaProducer
+
+    from inferlog.messages import DeadLetter, EventRecord
+    from tests.faults.harness import read_topic
+
+    original = await submit(http, messages=CHAT, max_tokens=300, ignore_eos=True, request_id="d-conflict-live")
+
+    async def running() -> bool:
+        return (await http.get(f"/v1/requests/{original}")).json()["status"] == "running"
+
+    await eventually(running, timeout=60, interval=0.05)
+    topics = Topics.from_settings(stack.settings)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.requests, _direct("d-conflict-live", max_tokens=7), key=b"d-conflict-live")
+    finally:
+        await producer.stop()
+    assert (await http.get(f"/v1/requests/{original}")).json()["status"] == "running", "not sent while it ran"
+    job = await wait_terminal(http, original)
+    assert job["status"] == "completed" and job["result"]["usage"]["completion_tokens"] == 300, job
+
+    async def conflict_dead_lettered() -> bool:
+        dead = [DeadLetter.model_validate_json(v) for _k, v in await read_topic(stack.settings, topics.dlq)]
+        return any(d.request_id == "d-conflict-live" and d.error.startswith("conflict") for d in dead)
+
+    await eventually(conflict_dead_lettered, timeout=30, interval=0.5)
+    events = [EventRecord.model_validate_json(v) for _k, v in await read_topic(stack.settings, topics.events)]
+    attempts = [e for e in events if e.request_id == "d-conflict-live" and e.stage == "gpu-worker"
+                and e.status.value == "running"]
+    assert len(attempts) == 1, attempts
