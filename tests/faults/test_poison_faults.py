@@ -25,6 +25,7 @@ from tests.faults.harness import (
     lagging,
     long_bodies,
     read_topic,
+    truthy,
     wait_all_terminal,
 )
 
@@ -63,7 +64,7 @@ async def test_poisons_on_every_topic_stop_no_consumer(make_cluster: MakeCluster
     topics = cluster.topics
     client = Client(cluster.url)
     submitting = asyncio.create_task(client.submit_many(long_bodies(200, "fp", low=16, high=48)))
-    await eventually(lambda: _accepted_at_least(client, 40), timeout=60, interval=0.05)
+    await eventually(lambda: truthy(len(client.accepted) >= 40), timeout=60, interval=0.05)
 
     producer = make_producer(cluster.settings.kafka_bootstrap, max_request_size=8_000_000)
     await producer.start()
@@ -126,10 +127,6 @@ async def test_poisons_on_every_topic_stop_no_consumer(make_cluster: MakeCluster
         behind = await eventually(lambda g=group, t=its_topics: _none_behind(cluster, g, t), timeout=30, interval=1)
         assert behind == "none", (group, behind)
     assert time.monotonic() - started <= FAULT_BUDGET_S
-
-
-async def _accepted_at_least(client: Client, n: int) -> bool:
-    return len(client.accepted) >= n
 
 
 async def _none_behind(cluster: Any, group: str, its_topics: list[str]) -> str | None:
