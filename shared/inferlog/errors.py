@@ -8,6 +8,7 @@
     │   └── BrokerUnavailable  the broker did not acknowledge in time
     └── InvalidRequest         the input can never succeed: 4xx at the gateway, a failed result on a topic
         ├── UnknownModel       404
+        │   └── ModelNotReady  404: registered, but its files cannot be read here (not prepared)
         ├── IdempotencyConflict 422: same request ID, other payload
         └── NotFound           404
 
@@ -61,6 +62,13 @@ class InvalidRequest(InferlogError):
 class UnknownModel(InvalidRequest):
     status_code = 404
     code = "model_not_found"
+
+
+class ModelNotReady(UnknownModel):
+    """A registered model whose files this process cannot read (not prepared, or broken): no request for it
+    can be served here until an operator prepares it. Never a 5xx, never a crash loop."""
+
+    code = "model_not_ready"
 
 
 class NotFound(InvalidRequest):

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from inferlog.identity import MAX_JOB_KEY_LEN
+from inferlog.identity import CLIENT_ID_PATTERN, MAX_JOB_KEY_LEN
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_REQUEST_ID_LEN = 128
@@ -131,10 +131,11 @@ class GenerationParams(_Record):
 class RequestRecord(_Record):
     """``<prefix>.requests.v1``, key: the job key: a job as submitted (by the gateway or a direct producer).
 
-    ``request_id`` is the client's own ID, unique within its ``tenant`` (absent: the default tenant)."""
+    ``request_id`` is the client's own ID, unique within its ``tenant`` (absent: the default tenant): what the
+    client polls by, so of the alphabet a URL path segment carries as is (no ``/``)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: Text = Field(min_length=1, max_length=MAX_REQUEST_ID_LEN)
+    request_id: Text = Field(min_length=1, max_length=MAX_REQUEST_ID_LEN, pattern=CLIENT_ID_PATTERN)
     model: Name
     messages: list[ChatMessage] | None = Field(default=None, repr=False)
     prompt: Text | None = Field(default=None, max_length=1_000_000, repr=False)

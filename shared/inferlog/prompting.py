@@ -18,8 +18,9 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from inferlog.errors import ConfigError, InvalidRequest
+from inferlog.errors import ConfigError, InvalidRequest, ModelNotReady
 from inferlog.messages import ChatMessage
+from inferlog.models import RegisteredModel
 
 
 class PromptFormatter:
@@ -69,11 +70,17 @@ class PromptFormatter:
             )
         except TemplateError as exc:
             raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", param="messages") from exc
+        except Exception as exc:  # noqa: BLE001 - a template is code: whatever it raises is about these messages
+            raise InvalidRequest(f"the model's chat template failed on these messages: {type(exc).__name__}: "
+                                 f"{exc}", param="messages", code="chat_template_error") from exc
 
     def encode_chats(self, chats: Sequence[Sequence[ChatMessage]]) -> list[list[int]]:
         """Token IDs for each chat, encoded in one batch (the template's special tokens are in the text)."""
-        texts = [self.render(chat) for chat in chats]
-        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return self.encode_rendered([self.render(chat) for chat in chats])
+
+    def encode_rendered(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token IDs for chats already rendered (``render``), in one batch."""
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token IDs for raw completion prompts, with the tokenizer's own special tokens."""
@@ -81,6 +88,16 @@ class PromptFormatter:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def formatter_for(model: RegisteredModel) -> tuple[PromptFormatter, int]:
+    """The model's formatter and context length; ModelNotReady (404) when its files cannot be read here (not
+    prepared, or broken): a request for it is refused, never a 500 or a crash loop."""
+    try:
+        return PromptFormatter(model.directory), model.context_length()
+    except (ConfigError, OSError, ValueError) as exc:  # ValueError: a config.json that is not JSON
+        raise ModelNotReady(f"The model {model.name!r} is registered but cannot be served here: its files are not "
+                            f"prepared ({exc}). An operator runs `inferlog prepare`.", param="model") from exc
 
 
 def _raise_template_error(message: str) -> None:

@@ -189,6 +189,9 @@ class Client:
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
     retries: int = 0
     concurrency: int = 16
+    replayed_after_failure: set[str] = field(default_factory=set)
+    """Keys whose first tries failed and whose 202 then said ``Idempotent-Replayed``: the job was claimed by
+    a try whose answer never arrived (the claim outlived the failure)."""
 
     async def submit_many(self, bodies: dict[str, dict[str, Any]], deadline_s: float = 60) -> None:
         gate = asyncio.Semaphore(self.concurrency)
@@ -196,15 +199,19 @@ class Client:
         async with httpx.AsyncClient(base_url=self.url, timeout=10) as http:
             async def one(key: str, body: dict[str, Any]) -> None:
                 async with gate:
+                    failed = False
                     while time.monotonic() < deadline:
                         try:
                             response = await http.post("/v1/requests", json=body, headers={"Idempotency-Key": key})
                             if response.status_code == 202:
                                 self.accepted[response.json()["id"]] = body
+                                if failed and response.headers.get("Idempotent-Replayed") == "true":
+                                    self.replayed_after_failure.add(key)
                                 return
                             assert response.status_code in (429, 503), response.text
                         except httpx.HTTPError:
                             pass
+                        failed = True
                         self.retries += 1
                         await asyncio.sleep(0.2 + random.random() * 0.3)
 
@@ -273,6 +280,21 @@ async def read_topic(settings: InferlogSettings, topic: str, timeout: float = 30
             assert time.monotonic() < deadline, f"{topic}: partitions {behind} not read to their high-water mark"
     finally:
         await consumer.stop()
+
+
+async def stage_times(settings: InferlogSettings, ids: list[str]) -> dict[str, dict[str, float]]:
+    """Each job's timings (``received_at`` … ``completed_at``) plus ``stored_at``, when the store recorded
+    its result: what shows a fault hit work in flight (a result that waited in the log for the store)."""
+    conn = await connect_to_schema(settings)
+    try:
+        rows = await conn.fetch("SELECT q.request_id, q.timings || COALESCE(r.timings, '{}') AS t, r.created_at "
+                                "FROM requests q LEFT JOIN results r USING (request_id) "
+                                "WHERE q.request_id = ANY($1::text[])", ids)
+    finally:
+        await conn.close()
+    return {r["request_id"]: {**json.loads(r["t"]),
+                              **({"stored_at": r["created_at"].timestamp()} if r["created_at"] else {})}
+            for r in rows}
 
 
 async def wait_all_terminal(settings: InferlogSettings, ids: list[str], timeout: float) -> None:

@@ -21,6 +21,7 @@ from tests.faults.harness import (
     long_bodies,
     read_topic,
     running_at_least,
+    stage_times,
     truthy,
     wait_all_terminal,
 )
@@ -40,6 +41,7 @@ async def test_redis_stopped_during_traffic(make_cluster: MakeCluster, own_redis
     await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
 
     own_redis.stop()
+    stopped_at = time.time()
     async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
         await eventually(lambda: truthy(len(client.accepted) >= 60), timeout=60, interval=0.05)
         some = sorted(client.accepted)[:20]
@@ -54,6 +56,7 @@ async def test_redis_stopped_during_traffic(make_cluster: MakeCluster, own_redis
         assert conflict.status_code == 422  # the ledger decides, Redis or not
         await asyncio.sleep(2.0)
     own_redis.start()  # back, empty
+    restarted_at = time.time()
 
     await submitting
     await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
@@ -61,6 +64,11 @@ async def test_redis_stopped_during_traffic(make_cluster: MakeCluster, own_redis
     assert report.accepted == 200
     assert report.lost == [] and report.conflicting == [], describe(report)
     assert report.regenerated == [] and report.generations == report.accepted, describe(report)
+    # The fault hit the leases: generations started while Redis was down, their lease acquires failed, and
+    # they ran on the terminal check alone.
+    during = [rid for rid, times in report.attempt_times.items() if any(stopped_at < t < restarted_at for t in times)]
+    assert during, "no generation started while Redis was down"
+    assert "leases not taken" in cluster.procs["w"].log.read_text(), "no lease acquire failed"
     assert time.monotonic() - started <= FAULT_BUDGET_S
 
 
@@ -74,6 +82,7 @@ async def test_postgres_stopped_during_traffic(make_cluster: MakeCluster, own_po
     await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
 
     own_postgres.stop()
+    stopped_at = time.time()
     async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
         refused = await http.post("/v1/requests", json={"messages": [{"role": "user", "content": "x"}]})
         assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
@@ -81,6 +90,7 @@ async def test_postgres_stopped_during_traffic(make_cluster: MakeCluster, own_po
         await asyncio.sleep(8.0)  # longer than any single retry: services wait it out, committing nothing
         assert (await http.get("/readyz")).status_code == 503
     own_postgres.start()
+    restarted_at = time.time()
 
     await submitting
     assert client.retries > 0
@@ -90,6 +100,11 @@ async def test_postgres_stopped_during_traffic(make_cluster: MakeCluster, own_po
     assert report.lost == [] and report.conflicting == [], describe(report)
     assert report.regenerated == [] and report.generations == report.accepted, describe(report)
     assert await read_topic(cluster.settings, cluster.topics.dlq) == [], "an outage sent records to the DLQ"
+    # The fault hit results in flight: generations that finished while Postgres was down waited in the log
+    # and were stored only after it came back.
+    timings = await stage_times(cluster.settings, list(client.accepted))
+    waited = [rid for rid, t in timings.items() if stopped_at < t["completed_at"] < restarted_at < t["stored_at"]]
+    assert waited, "no result waited out the outage"
     for proc in cluster.procs.values():
         assert proc.popen.poll() is None, f"{proc.name} died during the outage"
     assert time.monotonic() - started <= FAULT_BUDGET_S

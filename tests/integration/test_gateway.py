@@ -4,13 +4,15 @@ a 4xx in the one envelope."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from inferlog.config import InferlogSettings
+from inferlog.config import InferlogSettings, ModelSpec
 from inferlog.kafka import make_consumer
 from inferlog.messages import RequestRecord
 from inferlog.topics import Topics
@@ -25,8 +27,18 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-async def client(settings: InferlogSettings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(GatewaySettings(common=settings, max_body_bytes=MAX_BODY))
+async def client(settings: InferlogSettings, tiny_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    # Besides the run's models: one registered but never prepared, and one whose chat template raises
+    # something other than a template error on some messages (a template is code).
+    broken = tmp_path_factory.mktemp("models") / "bad-template"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "chat_template.jinja").write_text(
+        "{{ (1 / 0) if messages[0].content == 'boom' else messages[0].content }}")
+    extra = [ModelSpec(name="unprepared", path=str(broken.parent / "nowhere")),
+             ModelSpec(name="bad-template", path=str(broken))]
+    common = settings.model_copy(update={"models": [*settings.models, *extra]})
+    app = create_app(GatewaySettings(common=common, max_body_bytes=MAX_BODY))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
@@ -144,6 +156,9 @@ BAD_INPUTS: list[tuple[str, bytes | dict[str, Any], dict[str, str], int, str | N
     ("session too long", {"messages": CHAT, "session_id": "s" * 300}, {}, 400, "session_id"),
     ("model too long", {"messages": CHAT, "model": "m" * 300}, {}, 400, "model"),
     ("Idempotency-Key too long", {"messages": CHAT}, {"Idempotency-Key": "k" * 300}, 400, None),
+    ("a model registered but not prepared", {"messages": CHAT, "model": "unprepared"}, {}, 404, "model"),
+    ("a chat template that raises", {"messages": [{"role": "user", "content": "boom"}], "model": "bad-template"},
+     {}, 400, "messages"),
 ]
 
 

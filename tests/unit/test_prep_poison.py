@@ -5,11 +5,16 @@ when it names a job key a result can carry; parsing never raises."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from inferlog.config import InferlogSettings, ModelSpec
 from inferlog.messages import ResultRecord, Status
+from inferlog.models import ModelRegistry
+from inferlog.testing import TOKENIZER_FILES
 from inferlog_tokenizer.prep import RawRecord, RequestPreparer
 
 GOOD: dict[str, Any] = {"request_id": "r", "model": "m", "prompt": "hi", "params": {"max_tokens": 4}}
@@ -46,3 +51,58 @@ def test_a_poison_direct_record_is_a_dead_letter_never_a_crash(case: str, value:
         [result] = out.results
         assert result.status is Status.FAILED and result.request_id.startswith(failed_key)
         ResultRecord.model_validate_json(result.model_dump_json())  # every stage can read it back
+
+
+def test_a_request_id_no_client_could_poll_is_refused() -> None:
+    """A direct record's ``request_id`` is what its producer polls by: one with ``/`` (a path separator) could
+    never be polled, so it is refused loudly, with its failed result under the job key on the results topic."""
+    raw = json.dumps({**GOOD, "request_id": "a/b"}).encode()
+    parsed, out = RequestPreparer(None, 4096).parse([RawRecord("p.requests.v1", 0, 3, b"a/b", raw)])  # type: ignore[arg-type]
+    assert parsed == [] and len(out.dead) == 1 and "request_id" in out.dead[0].error
+    [result] = out.results
+    assert result.request_id == "/a/b" and result.status is Status.FAILED
+
+
+@pytest.fixture
+def models(smol_dir: Path, tmp_path: Path) -> ModelRegistry:
+    """Three registered models: one whose files are there, one never prepared, one whose chat template raises
+    something other than a template error (a template is code)."""
+    def tokenizer_only(name: str, template: str | None = None) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        for file in TOKENIZER_FILES:
+            if (smol_dir / file).is_file():
+                shutil.copy(smol_dir / file, directory / file)
+        (directory / "config.json").write_text('{"max_position_embeddings": 512}')
+        if template is not None:
+            (directory / "chat_template.jinja").write_text(template)
+        return directory
+
+    specs = [ModelSpec(name="ok", path=str(tokenizer_only("ok"))),
+             ModelSpec(name="unprepared", path=str(tmp_path / "nowhere")),
+             ModelSpec(name="bad-template", path=str(tokenizer_only(
+                 "bad-template", "{{ (1 / 0) if messages[0].content == 'boom' else messages[0].content }}")))]
+    return ModelRegistry(InferlogSettings(models=specs, default_model="ok"))
+
+
+def test_a_model_that_cannot_be_served_fails_its_records_not_the_batch(models: ModelRegistry) -> None:
+    chat = [{"role": "user", "content": "hi"}]
+    records = [
+        {**GOOD, "request_id": "a", "model": "ok", "prompt": None, "messages": chat},
+        {**GOOD, "request_id": "b", "model": "unprepared"},
+        {**GOOD, "request_id": "c", "model": "bad-template", "prompt": None,
+         "messages": [{"role": "user", "content": "boom"}]},
+        {**GOOD, "request_id": "d", "model": "bad-template", "prompt": None, "messages": chat},
+        {**GOOD, "request_id": "e", "model": "ok"},
+    ]
+    raws = [RawRecord("p.requests.v1", 0, i, r["request_id"].encode(), json.dumps(r).encode())
+            for i, r in enumerate(records)]
+    preparer = RequestPreparer(models, 4096)
+    parsed, out = preparer.parse(raws)
+    out = preparer.prepare_parsed(parsed, out)
+    assert sorted(t.request_id for t in out.tokenized) == ["a", "d", "e"]
+    failed = {r.request_id: r.error for r in out.results}
+    assert set(failed) == {"b", "c"} and {d.request_id for d in out.dead} == {"b", "c"}
+    assert failed["b"] is not None and failed["b"].code == "model_not_ready" and failed["b"].param == "model"
+    assert failed["c"] is not None and failed["c"].code == "chat_template_error"
+    assert failed["c"].param == "messages" and "ZeroDivisionError" in failed["c"].message

@@ -4,6 +4,7 @@ tokenizer files, no torch."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -11,15 +12,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from inferlog.errors import InvalidRequest
+from inferlog.errors import InvalidRequest, ModelNotReady
 from inferlog.ledger import request_hash
 from inferlog.messages import SEED_REFUSAL, GenerationParams, RequestRecord, Timings, now
 from inferlog.models import ModelRegistry, RegisteredModel
-from inferlog.prompting import PromptFormatter
+from inferlog.prompting import PromptFormatter, formatter_for
 from inferlog_gateway.api import REQUEST_ID_PATTERN, SubmitBody
 from inferlog_gateway.settings import GatewaySettings
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,18 +78,27 @@ class Intake:
     def __init__(self, registry: ModelRegistry, settings: GatewaySettings) -> None:
         self._registry = registry
         self._settings = settings
-        self._formatters: dict[str, PromptFormatter] = {}
-        self._context: dict[str, int] = {}
+        self._formatters: dict[str, tuple[PromptFormatter, int]] = {}
+
+    def preload(self) -> None:
+        """Read every prepared model's files at start-up; one that cannot be read is refused per request
+        (404 ``model_not_ready``), not a gateway that will not start."""
+        for model in self._registry:
+            if model.is_prepared:
+                try:
+                    self.load(model)
+                except ModelNotReady as exc:
+                    log.warning("%s", exc.message)
 
     def load(self, model: RegisteredModel) -> None:
-        """Read a model's tokenizer and context length (done at start-up for every prepared model)."""
-        self._formatters[model.name] = PromptFormatter(model.directory)
-        self._context[model.name] = model.context_length()
+        """Read a model's tokenizer and context length (done at start-up for every prepared model); raises
+        ModelNotReady when its files cannot be read."""
+        self._formatters[model.name] = formatter_for(model)
 
     def _formatter(self, model: RegisteredModel) -> tuple[PromptFormatter, int]:
         if model.name not in self._formatters:
             self.load(model)
-        return self._formatters[model.name], self._context[model.name]
+        return self._formatters[model.name]
 
     def build(self, payload: dict[str, Any], idempotency_key: str | None,
               tenant: str | None = None) -> Submission:

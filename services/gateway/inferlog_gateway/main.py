@@ -38,9 +38,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await ensure_topics(common.kafka_bootstrap, topics, create=False)
         registry = ModelRegistry(common)
         intake = Intake(registry, settings)
-        for model in registry:
-            if model.is_prepared:
-                intake.load(model)
+        intake.preload()
         pool = GuardedPool(await connect_pool(common.postgres_url, common.postgres_schema))
         producer = make_producer(common.kafka_bootstrap)
         await producer.start()

@@ -25,7 +25,7 @@ from inferlog.messages import (
     now,
 )
 from inferlog.models import ModelRegistry
-from inferlog.prompting import PromptFormatter
+from inferlog.prompting import PromptFormatter, formatter_for
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,9 @@ class RequestPreparer:
         self._formatters: dict[str, tuple[PromptFormatter, int]] = {}
 
     def _formatter(self, model_name: str) -> tuple[PromptFormatter, int]:
+        """UnknownModel / ModelNotReady (this record's failure, never the batch's) when it cannot be served."""
         if model_name not in self._formatters:
-            model = self._registry.get(model_name)
-            self._formatters[model_name] = (PromptFormatter(model.directory), model.context_length())
+            self._formatters[model_name] = formatter_for(self._registry.get(model_name))
         return self._formatters[model_name]
 
     def parse(self, raws: list[RawRecord]) -> tuple[list[tuple[RawRecord, RequestRecord]], Prepared]:
@@ -71,9 +71,10 @@ class RequestPreparer:
         return parsed, out
 
     def prepare_parsed(self, parsed: list[tuple[RawRecord, RequestRecord]], out: Prepared | None = None) -> Prepared:
-        """Phase 2: validate and tokenize records that are ours to run."""
+        """Phase 2: validate and tokenize records that are ours to run. Whatever refuses one record (its
+        model unknown or not prepared here, a parameter, the chat template) fails that record alone."""
         out = out or Prepared()
-        valid: list[RequestRecord] = []
+        valid: list[tuple[RequestRecord, str | None]] = []
         at = now()
         for raw, record in parsed:
             if record.deadline_at is not None and record.deadline_at <= at:
@@ -81,16 +82,17 @@ class RequestPreparer:
                                              "tokenized.", code="deadline_exceeded"))
                 continue
             try:
-                self._registry.get(record.model)
+                formatter, _context = self._formatter(record.model)
                 self._check_params(record)
+                rendered = formatter.render(record.messages) if record.messages is not None else None
             except InvalidRequest as exc:
                 out.results.append(_failed(record, exc))
                 out.dead.append(_dead(raw, str(exc), key_of(record)))
                 continue
-            valid.append(record)
-        by_model: dict[str, list[RequestRecord]] = defaultdict(list)
-        for record in valid:
-            by_model[record.model].append(record)
+            valid.append((record, rendered))
+        by_model: dict[str, list[tuple[RequestRecord, str | None]]] = defaultdict(list)
+        for record, rendered in valid:
+            by_model[record.model].append((record, rendered))
         for model_name, records in by_model.items():
             self._tokenize(model_name, records, out, at)
         return out
@@ -122,18 +124,22 @@ class RequestPreparer:
         if record.params.seed is not None and record.params.temperature > 0:
             raise InvalidRequest(SEED_REFUSAL, param="seed", code="seed_not_supported")
 
-    def _tokenize(self, model_name: str, records: list[RequestRecord], out: Prepared, at: float) -> None:
+    def _tokenize(self, model_name: str, records: list[tuple[RequestRecord, str | None]], out: Prepared,
+                  at: float) -> None:
         formatter, context = self._formatter(model_name)
-        chats = [r for r in records if r.messages is not None]
-        prompts = [r for r in records if r.messages is None]
-        encoded = dict(zip((key_of(r) for r in chats),
-                           formatter.encode_chats([r.messages or [] for r in chats]), strict=True))
+        chats = [(r, text) for r, text in records if text is not None]
+        prompts = [r for r, text in records if text is None]
+        encoded = dict(zip((key_of(r) for r, _text in chats),
+                           formatter.encode_rendered([text for _r, text in chats]), strict=True))
         encoded.update(zip((key_of(r) for r in prompts),
                            formatter.encode_prompts([r.prompt or "" for r in prompts]), strict=True))
-        for record in records:
+        for record, _text in records:
             ids = encoded[key_of(record)]
+            param = "messages" if record.messages is not None else "prompt"
+            if not ids:  # (a template that renders nothing): no record can carry an empty prompt
+                out.results.append(_failed(record, InvalidRequest("The prompt encodes to no tokens.", param=param)))
+                continue
             if len(ids) + record.params.max_tokens > context:
-                param = "messages" if record.messages is not None else "prompt"
                 out.results.append(_failed(record, InvalidRequest(
                     f"The prompt ({len(ids)} tokens) plus max_tokens ({record.params.max_tokens}) exceeds the "
                     f"model's context of {context} tokens.", param=param, code="context_length_exceeded")))
