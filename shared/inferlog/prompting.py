@@ -57,11 +57,15 @@ class PromptFormatter:
         token = self._special("eos_token")
         return self._tokenizer.token_to_id(token) if token else None
 
+    def compile(self) -> None:
+        """Compile the chat template now (raises on a template that cannot compile)."""
+        _ = self._template
+
     def render(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt text for a chat, ending with the assistant's turn opened."""
-        if self._template is None:
-            return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
         try:
+            if self._template is None:
+                return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
             return self._template.render(
                 messages=[m.model_dump() for m in messages],
                 add_generation_prompt=True,
@@ -91,13 +95,23 @@ class PromptFormatter:
 
 
 def formatter_for(model: RegisteredModel) -> tuple[PromptFormatter, int]:
-    """The model's formatter and context length; ModelNotReady (404) when its files cannot be read here (not
-    prepared, or broken): a request for it is refused, never a 500 or a crash loop."""
+    """The model's formatter (its chat template compiled) and context length; ModelNotReady (404) when its
+    files are missing or unusable here (not prepared, corrupt, a template that does not compile): a request
+    for it is refused, never a 500 or a crash loop. An I/O error other than a missing file (EMFILE, EIO, a
+    stale mount) is an outage, not an absence: it propagates, to be retried."""
     try:
-        return PromptFormatter(model.directory), model.context_length()
-    except (ConfigError, OSError, ValueError) as exc:  # ValueError: a config.json that is not JSON
-        raise ModelNotReady(f"The model {model.name!r} is registered but cannot be served here: its files are not "
-                            f"prepared ({exc}). An operator runs `inferlog prepare`.", param="model") from exc
+        formatter = PromptFormatter(model.directory)
+        formatter.compile()
+        return formatter, model.context_length()
+    except OSError as exc:
+        if not isinstance(exc, FileNotFoundError | NotADirectoryError):
+            raise
+        problem: Exception = exc
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for a corrupt tokenizer.json
+        problem = exc
+    raise ModelNotReady(f"The model {model.name!r} is registered but cannot be served here: its files are not "
+                        f"prepared or unusable ({type(problem).__name__}: {problem}). An operator runs "
+                        "`inferlog prepare`.", param="model") from problem
 
 
 def _raise_template_error(message: str) -> None:

@@ -81,7 +81,10 @@ def models(smol_dir: Path, tmp_path: Path) -> ModelRegistry:
     specs = [ModelSpec(name="ok", path=str(tokenizer_only("ok"))),
              ModelSpec(name="unprepared", path=str(tmp_path / "nowhere")),
              ModelSpec(name="bad-template", path=str(tokenizer_only(
-                 "bad-template", "{{ (1 / 0) if messages[0].content == 'boom' else messages[0].content }}")))]
+                 "bad-template", "{{ (1 / 0) if messages[0].content == 'boom' else messages[0].content }}"))),
+             ModelSpec(name="uncompilable", path=str(tokenizer_only("uncompilable", "{% for m in messages %}{{ m }"))),
+             ModelSpec(name="corrupt", path=str(tokenizer_only("corrupt")))]
+    (tmp_path / "corrupt" / "tokenizer.json").write_text('{"trunc')
     return ModelRegistry(InferlogSettings(models=specs, default_model="ok"))
 
 
@@ -94,6 +97,8 @@ def test_a_model_that_cannot_be_served_fails_its_records_not_the_batch(models: M
          "messages": [{"role": "user", "content": "boom"}]},
         {**GOOD, "request_id": "d", "model": "bad-template", "prompt": None, "messages": chat},
         {**GOOD, "request_id": "e", "model": "ok"},
+        {**GOOD, "request_id": "f", "model": "uncompilable", "prompt": None, "messages": chat},
+        {**GOOD, "request_id": "g", "model": "corrupt"},
     ]
     raws = [RawRecord("p.requests.v1", 0, i, r["request_id"].encode(), json.dumps(r).encode())
             for i, r in enumerate(records)]
@@ -102,7 +107,8 @@ def test_a_model_that_cannot_be_served_fails_its_records_not_the_batch(models: M
     out = preparer.prepare_parsed(parsed, out)
     assert sorted(t.request_id for t in out.tokenized) == ["a", "d", "e"]
     failed = {r.request_id: r.error for r in out.results}
-    assert set(failed) == {"b", "c"} and {d.request_id for d in out.dead} == {"b", "c"}
-    assert failed["b"] is not None and failed["b"].code == "model_not_ready" and failed["b"].param == "model"
+    assert set(failed) == {"b", "c", "f", "g"} and {d.request_id for d in out.dead} == {"b", "c", "f", "g"}
+    for key in "bfg":
+        assert failed[key] is not None and failed[key].code == "model_not_ready" and failed[key].param == "model"
     assert failed["c"] is not None and failed["c"].code == "chat_template_error"
     assert failed["c"].param == "messages" and "ZeroDivisionError" in failed["c"].message

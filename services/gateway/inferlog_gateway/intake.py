@@ -119,6 +119,8 @@ class Intake:
             assert body.prompt is not None
             prompt_tokens = len(formatter.encode_prompts([body.prompt])[0])
             prompt_param = "prompt"
+        if prompt_tokens == 0:
+            raise InvalidRequest("The prompt encodes to no tokens.", param=prompt_param)
         room = context - prompt_tokens
         if room < 1:
             raise InvalidRequest(
