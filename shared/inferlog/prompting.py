@@ -17,6 +17,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from inferlog.errors import ConfigError, InvalidRequest, ModelNotReady
 from inferlog.messages import ChatMessage
@@ -92,6 +93,34 @@ class PromptFormatter:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def decoder(self) -> IncrementalDecoder:
+        """A decoder for one generation as it grows (what ``decode`` gives, one step at a time)."""
+        return IncrementalDecoder(self._tokenizer)
+
+
+class IncrementalDecoder:
+    """Decodes a generation as it grows, each step only the tokens it has not seen: tokenizers'
+    ``DecodeStream``, which holds back a character whose bytes span tokens until its last byte arrives.
+    Re-decoding the whole list every step costs O(n) per token, O(n^2) per generation, on the thread that
+    also serves the engine's outputs."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._fed = 0
+        self.text = ""
+        """The text of the tokens seen so far, less a partial character at the end."""
+
+    def extend(self, tokens: Sequence[int]) -> str:
+        """The generation's tokens so far (a prefix of them was passed before): the text so far."""
+        new = tokens[self._fed:]
+        self._fed = len(tokens)
+        if new:
+            chunk = self._stream.step(self._tokenizer, list(new))
+            if chunk:
+                self.text += chunk
+        return self.text
 
 
 def formatter_for(model: RegisteredModel) -> tuple[PromptFormatter, int]:

@@ -33,8 +33,10 @@ def install(manager: Any) -> None:
     counted = 0
 
     def active() -> set[str]:
+        """The requests in the batch, less the worker's warm-up batch (the faults hit real work only)."""
         processor = manager.batch_processor
-        return set(processor.scheduler.active_requests) if processor is not None else set()
+        running = set(processor.scheduler.active_requests) if processor is not None else set()
+        return {request_id for request_id in running if not request_id.startswith("warmup-")}
 
     def broken_step() -> None:
         nonlocal counted

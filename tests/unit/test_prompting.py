@@ -30,3 +30,19 @@ def test_decode_round_trips_and_eos_is_known(smol_dir: Path) -> None:
     [ids] = ours.encode_prompts(["Paris is in France."])
     assert ours.decode(ids) == "Paris is in France."
     assert ours.eos_token_id == AutoTokenizer.from_pretrained(smol_dir).eos_token_id
+
+
+def test_incremental_decoding_gives_what_decoding_the_whole_list_gives(smol_dir: Path) -> None:
+    ours = PromptFormatter(smol_dir)
+    texts = ["Héllo wörld — naïve café 😀🚀 日本語のテキスト", "  leading spaces\n\nand\ttabs", "<|im_end|> special"]
+    arbitrary = list(range(0, 49152, 97))  # any tokens, invalid UTF-8 byte runs included
+    for ids in ours.encode_prompts(texts) + [arbitrary]:
+        decoder = ours.decoder()
+        for k in range(1, len(ids) + 1):
+            # each step is fed the list so far, as the engine's streaming outputs carry it
+            assert ours.decode(ids[:k]).startswith(decoder.extend(ids[:k]))
+            # a character split across tokens is held back, not garbled
+            assert ids is arbitrary or "\ufffd" not in decoder.text
+        assert decoder.text == ours.decode(ids)
+    [emoji] = ours.encode_prompts(["😀"])
+    assert len(emoji) > 1 and ours.decoder().extend(emoji[:1]) == ""  # its first byte alone is no text yet

@@ -83,7 +83,6 @@ class FakeConsumer:
 @dataclass
 class FakeRunner:
     model: Any = field(default_factory=lambda: SimpleNamespace(name="m"))
-    sampling: bool = True
     version: str = "v"
     vocab_size: int = 100
     context_length: int = 1000

@@ -358,9 +358,6 @@ class GpuWorker:
         if record.model != self._runner.model.name:
             return self._terminal(record, Status.FAILED, f"This worker serves {self._runner.model.name!r}, not "
                                   f"{record.model!r}.", "model_not_served")
-        if record.params.temperature > 0 and not self._runner.sampling:
-            return self._terminal(record, Status.FAILED, "This worker serves greedy decoding only "
-                                  "(temperature 0).", "sampling_not_served")
         vocab = self._runner.vocab_size
         if vocab and any(not 0 <= token < vocab for token in record.input_ids):
             return self._terminal(record, Status.FAILED, f"The record's input_ids fall outside the model's "

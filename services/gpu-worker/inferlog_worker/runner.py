@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from inferlog.models import RegisteredModel
-from inferlog.prompting import PromptFormatter
+from inferlog.prompting import IncrementalDecoder, PromptFormatter
 from inferlog_worker import cb_shim
 
 log = logging.getLogger(__name__)
-
-GREEDY_TEMPERATURE = 1e-5
-"""How temperature 0 runs when the manager samples: as good as argmax unless the top two logits are
-within ~1e-4 of each other."""
-
 
 class EngineFailed(Exception):
     """The engine itself failed: its thread crashed (transformers then fails every request of the batch)
@@ -76,17 +72,20 @@ class _Live:
     on_text: TextSink | None = None
     sent: str = ""
     """Text already passed to ``on_text``."""
+    decoder: IncrementalDecoder | None = None
+    """The text so far, decoded a step's new tokens at a time (only when someone reads it before the end)."""
 
 
 class ModelRunner:
     def __init__(self, model: RegisteredModel, *, device: str, num_blocks: int, page_size: int,
-                 max_batch_tokens: int, sampling: bool, test_hooks: str | None = None) -> None:
+                 max_batch_tokens: int, threads: int | None = None, test_hooks: str | None = None) -> None:
         self.model = model
         self._device = device
         self._num_blocks = num_blocks
         self._page_size = page_size
         self._max_batch_tokens = max_batch_tokens
-        self.sampling = sampling
+        self.threads = threads or len(os.sched_getaffinity(0))
+        """torch's intra-op threads (set at ``load``): by default the CPUs this process may run on."""
         self.version = ""
         self._formatter: PromptFormatter | None = None
         self._manager: Any = None
@@ -114,6 +113,7 @@ class ModelRunner:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        torch.set_num_threads(self.threads)  # (process-wide; the generation thread's matmuls use them)
         started = time.monotonic()
         model = AutoModelForCausalLM.from_pretrained(str(self.model.directory), dtype=dtype)
         model = model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() oddly
@@ -123,17 +123,17 @@ class ModelRunner:
             eos = eos[0] if eos else None
         self._eos = eos if eos is not None else self._formatter.eos_token_id
         self.version = self.model.version()
-        sampling_args: dict[str, Any] = {"do_sample": False}
-        if self.sampling:  # per-request temperature/top_p need the processors to exist at manager level
-            sampling_args = {"do_sample": True, "temperature": 0.7, "top_p": 0.95}
+        # The greedy engine, with per-request sampling installed beside it (cb_shim.install_mixed_sampling): a
+        # greedy request costs what the greedy engine costs, a sampled one adds only its own rows' sampling.
         generation_config = GenerationConfig(
             max_new_tokens=256, eos_token_id=self._eos if self._eos is not None else -1,
-            pad_token_id=self._eos if self._eos is not None else 0, **sampling_args)
+            pad_token_id=self._eos if self._eos is not None else 0, do_sample=False)
         cb_config = ContinuousBatchingConfig(
             num_blocks=self._num_blocks, page_size=self._page_size, max_batch_tokens=self._max_batch_tokens,
-            max_queue_size=0, per_request_processors=self.sampling)
+            max_queue_size=0, use_cuda_graph=False)  # (the mixed sampling step decides on the host)
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config)
+        cb_shim.install_mixed_sampling(self._manager)
         self.vocab_size = int(model.config.vocab_size)
         self.context_length = self.model.context_length()
         if self._test_hooks:  # a module the tests name, to break the engine on purpose; never set otherwise
@@ -141,7 +141,8 @@ class ModelRunner:
 
             importlib.import_module(self._test_hooks).install(self._manager)
         self._manager.start()
-        log.info("loaded %s (%s) on %s in %.1fs", self.model.name, self.version, device, time.monotonic() - started)
+        log.info("loaded %s (%s) on %s in %.1fs, %d threads", self.model.name, self.version, device,
+                 time.monotonic() - started, self.threads)
 
     def stop(self, hard: bool = False) -> None:
         """Stop the manager; ``hard`` drops what it still runs (its work was left uncommitted)."""
@@ -160,14 +161,12 @@ class ModelRunner:
         future: asyncio.Future[GenerationDone] = loop.create_future()
         live = _Live(job, future, on_text=on_text)
         self._live[job.request_id] = live
-        kwargs: dict[str, Any] = {}
-        if self.sampling:
-            kwargs = dict(temperature=job.temperature or GREEDY_TEMPERATURE, top_p=job.top_p)
         try:
             self._manager.register_result_handler(job.request_id, lambda output: self._on_output(live, output))
             accepted = self._manager.add_request(
                 job.input_ids, request_id=job.request_id, max_new_tokens=job.max_tokens, streaming=True,
-                eos_token_id=-1 if job.ignore_eos else self._eos, **kwargs)
+                eos_token_id=-1 if job.ignore_eos else self._eos, temperature=float(job.temperature),
+                top_p=float(job.top_p))
         except BaseException:
             self._live.pop(job.request_id, None)  # never left behind: the watchdog counts live requests
             raise
@@ -202,6 +201,10 @@ class ModelRunner:
         """Generation steps completed so far (the watchdog's heartbeat)."""
         return cb_shim.steps_completed(self._manager) if self._manager is not None else 0
 
+    def sampling_steps(self) -> dict[str, int]:
+        """Engine steps that ran greedy only (no sampling work at all) and steps that sampled some rows."""
+        return cb_shim.sampling_steps(self._manager) if self._manager is not None else {"greedy": 0, "sampled": 0}
+
     def cancel(self, request_id: str, reason: Literal["cancelled", "expired"] = "cancelled") -> bool:
         """Stop a request within one decode step and free its KV blocks; its future resolves with
         ``reason`` and the text so far. False if it is not running here."""
@@ -235,10 +238,20 @@ class ModelRunner:
                 return
             self._resolve(live, "error", error=str(output.error))
             return
-        if live.on_text is None and not live.job.stop and not output.is_finished():
-            return
         assert self._formatter is not None
-        text = self._formatter.decode(live.tokens)
+        if output.is_finished():
+            text = self._formatter.decode(live.tokens)  # the result's text: decoded whole, once
+        elif live.on_text is None and not live.job.stop:
+            return  # no reader and no stop sequence: nothing to decode before the end
+        else:
+            live.decoder = live.decoder or self._formatter.decoder()
+            try:
+                text = live.decoder.extend(live.tokens)
+            except Exception:  # noqa: BLE001 - never let one request's decoding drop a step's other outputs
+                log.warning("incremental decoding of %s failed: decoding it whole", live.job.request_id,
+                            exc_info=True)
+                live.decoder = None
+                text = self._formatter.decode(live.tokens)
         hits = [text.find(s) for s in live.job.stop if s in text]
         if hits:
             self._emit(live, text[: min(hits)], final=True)

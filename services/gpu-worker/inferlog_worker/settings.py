@@ -34,8 +34,9 @@ class WorkerSettings(BaseSettings):
     """Most tokens (prefill + decode) in one forward pass."""
     max_running: int = Field(default=16, ge=1, le=1024)
     """Most requests admitted (generating) at once."""
-    sampling: bool = True
-    """Serve per-request temperature/top_p (costs ~25 % throughput on CPU); false is greedy-only."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch's intra-op threads for the model; default: the CPUs this process may run on (its affinity,
+    which ``taskset`` or a container's cpuset narrows), not the machine's count."""
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     """Consumer-group session timeout; generation never blocks the heartbeats."""
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
