@@ -1,4 +1,5 @@
-"""The ``inferlog`` command: ``up``, ``run <service>``, ``prepare``, ``migrate``, ``topics``, ``schemas``."""
+"""The ``inferlog`` command: ``up``, ``run <service>``, ``prepare``, ``migrate``, ``topics``, ``schemas``,
+``bench``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options (bench/inferlog_bench/cli.py)
+        from inferlog_bench.cli import main as bench
+
+        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="inferlog", description="LLM inference over a durable log.")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start broker (if needed), migrations, model, topics and the four services")
@@ -21,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("prepare", help="convert every registered GGUF model into its cached HF directory")
     sub.add_parser("migrate", help="apply the database migrations")
     sub.add_parser("topics", help="create the topics (if missing) and check their partition counts")
+    sub.add_parser("bench", help="every backend side by side: naive, static, direct, peer server, pipeline "
+                   "(inferlog bench --help)")
     schemas = sub.add_parser("schemas", help="export the records' JSON Schema into schemas/")
     schemas.add_argument("--out", type=Path, default=Path("schemas"))
     args = parser.parse_args(argv)
