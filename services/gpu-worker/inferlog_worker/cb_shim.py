@@ -86,7 +86,7 @@ def install_mixed_sampling(manager: Any) -> None:
     top_p.top_p = 1.0
     assert processors.tensors_required == 2 and processors.do_processing
     processors.__class__ = _mixed_sampling_class(ContinuousBatchingLogitsProcessorList)
-    processors.steps = {"greedy": 0, "sampled": 0}
+    processors.steps = {"greedy": 0, "sampled": 0}  # type: ignore[attr-defined]  # (MixedSampling's counters)
     manager.logit_processor = processors
 
 
