@@ -67,7 +67,10 @@ async def test_redis_paused_while_a_second_worker_watches(make_cluster: MakeClus
     assert len(client.accepted) == 200
     await eventually(lambda: running_at_least(cluster, "w1", 40), timeout=60, interval=0.05)
     cluster.spawn("w2", "gpu-worker", **big)  # joins: w1's partitions move, w2 watches what w1 runs
-    await eventually(lambda: _counter_at_least(cluster, ("w2",), "watching", 20), timeout=60, interval=0.05)
+    # The pause starts as soon as w2 watches a few: how many of w1's requests are still running on w2's
+    # partitions when it joins depends on the engine's speed (a clean-clone run on 2026-12-03 peaked at 15
+    # watched, and a threshold of 20 never came).
+    await eventually(lambda: _counter_at_least(cluster, ("w2",), "watching", 5), timeout=60, interval=0.05)
 
     assert own_redis.proc is not None
     own_redis.proc.send_signal(signal.SIGSTOP)
