@@ -134,7 +134,7 @@ def _rotate(items: list[str], k: int) -> list[str]:
     return items[k:] + items[:k]
 
 
-def _run_backend(backend: str, todo: list[Workload], model_dir: Path, name: str, spec: dict[str, object],
+def _run_backend(backend: str, todo: list[Workload], model_dir: Path, name: str, spec: dict[str, str],
                  engine: EngineSettings, static_batch: int, tag: str) -> list[Run]:
     """Every workload of one backend, in processes of its own; low-load singles merge into one run.
     In-process backends run while no server is up; each server is started for its workloads and stopped

@@ -23,6 +23,7 @@ from transformers.generation import ContinuousBatchingConfig
 from transformers.generation.streamers import BaseStreamer
 
 from inferlog.models import RegisteredModel
+from inferlog_bench.offering import Served, offer, perf_time_of
 from inferlog_bench.results import EngineSettings, RequestRun, Run
 from inferlog_bench.workloads import Workload
 from inferlog_worker.runner import GenerationJob, ModelRunner
@@ -135,23 +136,15 @@ async def _direct(model: Any, work: Workload, engine: EngineSettings) -> Run:
         tokens = await finished
         return tokens, first[0] if first else time.perf_counter()
 
+    async def serve(i: int) -> Served:
+        tokens, first = await generate(f"r{i}", work.prompts[i], work.max_tokens[i])
+        return Served(len(tokens), None, tokens, first)
+
     try:
-        await asyncio.gather(*(generate(f"warm{k}", prompt, 4)
-                               for k, prompt in enumerate(warm_prompts(work, engine.max_running))))
-        slots = asyncio.Semaphore(engine.max_running)
-        started = time.perf_counter()
-
-        async def one(i: int) -> RequestRun:
-            await asyncio.sleep(max(0.0, work.arrivals[i] - (time.perf_counter() - started)))
-            async with slots:
-                tokens, first = await generate(f"r{i}", work.prompts[i], work.max_tokens[i])
-            at = time.perf_counter() - started
-            return RequestRun(len(tokens), None, tokens, first - started - work.arrivals[i], at)
-
-        runs = await asyncio.gather(*(one(i) for i in range(len(work))))
+        return await offer("direct", work, serve, slots=engine.max_running, warm_count=engine.max_running,
+                           warm=lambda k: generate(f"warm{k}", work.prompts[k % len(work)], 4))
     finally:
         await asyncio.to_thread(manager.stop, block=True, timeout=30)
-    return Run("direct", work.name, max(r.done_s for r in runs), list(runs))
 
 
 def adapter(model_dir: Path, work: Workload, engine: EngineSettings) -> Run:
@@ -164,27 +157,21 @@ async def _adapter(model_dir: Path, work: Workload, engine: EngineSettings) -> R
                          page_size=engine.page_size, max_batch_tokens=engine.max_batch_tokens,
                          threads=engine.threads)
     await asyncio.to_thread(runner.load)
+
+    async def serve(i: int) -> Served:
+        d = await runner.submit(GenerationJob(f"r{i}", work.prompts[i], work.max_tokens[i],
+                                              temperature=work.temperature, ignore_eos=work.ignore_eos))
+        if d.finish_reason == "error":
+            raise RuntimeError(f"adapter: request {i} failed: {d.error}")
+        return Served(len(d.token_ids), d.text, list(d.token_ids),
+                      perf_time_of(d.first_token_at) if d.first_token_at else None)
+
     try:
-        await asyncio.gather(*(runner.submit(GenerationJob(f"warm{k}", prompt, 4, ignore_eos=True))
-                               for k, prompt in enumerate(warm_prompts(work, engine.max_running))))
-        slots = asyncio.Semaphore(engine.max_running)
-        started = time.perf_counter()
-
-        async def one(i: int) -> RequestRun:
-            await asyncio.sleep(max(0.0, work.arrivals[i] - (time.perf_counter() - started)))
-            async with slots:
-                d = await runner.submit(GenerationJob(f"r{i}", work.prompts[i], work.max_tokens[i],
-                                                      temperature=work.temperature, ignore_eos=work.ignore_eos))
-            at = time.perf_counter() - started
-            if d.finish_reason == "error":
-                raise RuntimeError(f"adapter: request {i} failed: {d.error}")
-            first = (d.first_token_at - time.time()) + at if d.first_token_at else at
-            return RequestRun(len(d.token_ids), d.text, list(d.token_ids), first - work.arrivals[i], at)
-
-        runs = await asyncio.gather(*(one(i) for i in range(len(work))))
+        return await offer("adapter", work, serve, slots=engine.max_running, warm_count=engine.max_running,
+                           warm=lambda k: runner.submit(GenerationJob(f"warm{k}", work.prompts[k % len(work)], 4,
+                                                                      ignore_eos=True)))
     finally:
         await asyncio.to_thread(runner.stop)
-    return Run("adapter", work.name, max(r.done_s for r in runs), list(runs))
 
 
 def run_in_process(backend: str, model_dir: Path, works: list[Workload], engine: EngineSettings,

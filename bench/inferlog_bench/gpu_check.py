@@ -115,7 +115,7 @@ def _direct(model_dir: Path, device: str, prompts: list[list[int]], new_tokens: 
     from inferlog_worker import cb_shim
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()  # type: ignore[arg-type]
     manager = model.init_continuous_batching(
         generation_config=GenerationConfig(max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=0,
                                            do_sample=False),

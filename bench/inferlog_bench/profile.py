@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = EngineSettings(max_running=worker.max_running, num_blocks=worker.num_blocks, page_size=worker.page_size,
                             max_batch_tokens=worker.max_batch_tokens, threads=len(os.sched_getaffinity(0)))
+    args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "profile.txt"
     work = saturation(args.requests, 64)
     with servers.pipeline(DEFAULT_MODEL_NAME, {"name": DEFAULT_MODEL_NAME}, engine, f"prof{uuid.uuid4().hex[:8]}") as url:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                   q.info["cmdline"][-2:] == ["inferlog.cli", "up"])
         spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--subprocesses", "-p",
                                 str(up.pid), "-d", str(args.seconds), "-f", "raw", "-o", str(raw), "--nonblocking"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                               stdout=(args.out / "py-spy.log").open("wb"), stderr=subprocess.STDOUT)
         result: dict[str, float] = {}
         thread = threading.Thread(target=lambda: result.update(
             tokens_per_s=asyncio.run(servers.pipeline_run(url, work, engine.max_running)).summary().tokens_per_s))
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         spy.wait()
         thread.join()
     print(f"pipeline: {result.get('tokens_per_s', 0):.1f} tokens/s while profiled; raw stacks in {raw}")
+    if spy.returncode != 0 or not raw.exists():
+        print(f"py-spy failed (exit {spy.returncode}): {(args.out / 'py-spy.log').read_text()[-2000:]}")
+        return 1
     report(raw, args.top)
     return 0
 
@@ -68,15 +72,15 @@ def report(raw: Path, top: int) -> None:
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        process = frames[0]
+        process = [f for f in frames if f.startswith("process ")][-1]  # py-spy nests a child under its parents
         per_process[process][frames[-1]] += int(count)
         for frame in set(frames[1:]):
             inclusive[process][frame] += int(count)
     total = sum(sum(c.values()) for c in per_process.values())
-    for process, frames in sorted(per_process.items(), key=lambda kv: -sum(kv[1].values())):
-        samples = sum(frames.values())
+    for process, counted in sorted(per_process.items(), key=lambda kv: -sum(kv[1].values())):
+        samples = sum(counted.values())
         print(f"\n{process[:100]}: {100 * samples / total:.1f}% of samples")
-        for frame, n in frames.most_common(top):
+        for frame, n in counted.most_common(top):
             print(f"  self {100 * n / samples:5.1f}%  {frame[:150]}")
         if "gpu-worker" in process:
             for frame, n in inclusive[process].most_common(top):

@@ -5,7 +5,6 @@ first streamed text)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -21,7 +20,8 @@ from typing import Any
 
 import httpx
 
-from inferlog_bench.results import EngineSettings, RequestRun, Run
+from inferlog_bench.offering import Served, offer
+from inferlog_bench.results import EngineSettings, Run
 from inferlog_bench.workloads import Workload
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
@@ -84,22 +84,14 @@ def peer_server(model_dir: Path, engine: EngineSettings) -> Iterator[str]:
 async def peer_run(url: str, model_dir: Path, work: Workload, max_running: int) -> Run:
     """OpenAI chat completions, streamed; EOS ignored through a per-request generation config."""
     async with httpx.AsyncClient(base_url=url, timeout=None) as http:
-        # a warm-up batch (it also fixes the manager's shared config: greedy)
-        await asyncio.gather(*(_peer_one(http, model_dir, work.chats[k % len(work)], 4, True, 0.0)
-                               for k in range(max_running)))
-        slots = asyncio.Semaphore(max_running)
-        started = time.perf_counter()
+        async def serve(i: int) -> Served:
+            first, text, tokens = await _peer_one(http, model_dir, work.chats[i], work.max_tokens[i],
+                                                  work.ignore_eos, work.temperature)
+            return Served(tokens, text, None, first)
 
-        async def one(i: int) -> RequestRun:
-            await asyncio.sleep(max(0.0, work.arrivals[i] - (time.perf_counter() - started)))
-            async with slots:
-                offered = time.perf_counter()
-                first, text, tokens = await _peer_one(http, model_dir, work.chats[i], work.max_tokens[i],
-                                                      work.ignore_eos, work.temperature)
-            return RequestRun(tokens, text, None, first - offered if first else 0.0, time.perf_counter() - started)
-
-        runs = await asyncio.gather(*(one(i) for i in range(len(work))))
-    return Run("peer-server", work.name, max(r.done_s for r in runs), list(runs))
+        # the warm-up batch also fixes the manager's shared config: greedy
+        return await offer("peer-server", work, serve, slots=max_running, warm_count=max_running,
+                           warm=lambda k: _peer_one(http, model_dir, work.chats[k % len(work)], 4, True, 0.0))
 
 
 async def _peer_one(http: httpx.AsyncClient, model_dir: Path, chat: list[dict[str, str]], max_tokens: int,
@@ -148,21 +140,16 @@ async def pipeline_run(url: str, work: Workload, max_running: int) -> Run:
     """Submitted over HTTP; each job's stream read from the submit on; the terminal result is its ``done``."""
     async with httpx.AsyncClient(base_url=url, timeout=None,
                                  limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as http:
-        warm = uuid.uuid4().hex
-        await asyncio.gather(*(_pipeline_one(http, work.chats[k % len(work)], 4, True, 0.0, f"{warm}-{k}")
-                               for k in range(max_running)))
-        started = time.perf_counter()
-        run_tag = uuid.uuid4().hex  # each run's own jobs (an Idempotency-Key in the ID alphabet)
+        warm, run_tag = uuid.uuid4().hex, uuid.uuid4().hex  # each run's own jobs (Idempotency-Keys)
 
-        async def one(i: int) -> RequestRun:
-            await asyncio.sleep(max(0.0, work.arrivals[i] - (time.perf_counter() - started)))
-            offered = time.perf_counter()
+        async def serve(i: int) -> Served:
             first, text, tokens = await _pipeline_one(http, work.chats[i], work.max_tokens[i], work.ignore_eos,
                                                       work.temperature, f"{run_tag}-{i}")
-            return RequestRun(tokens, text, None, first - offered if first else 0.0, time.perf_counter() - started)
+            return Served(tokens, text, None, first)
 
-        runs = await asyncio.gather(*(one(i) for i in range(len(work))))
-    return Run("pipeline", work.name, max(r.done_s for r in runs), list(runs))
+        # every request offered at once: the worker admits, as it would for a user
+        return await offer("pipeline", work, serve, slots=None, warm_count=max_running,
+                           warm=lambda k: _pipeline_one(http, work.chats[k % len(work)], 4, True, 0.0, f"{warm}-{k}"))
 
 
 async def _pipeline_one(http: httpx.AsyncClient, chat: list[dict[str, str]], max_tokens: int, ignore_eos: bool,
