@@ -35,6 +35,14 @@ def _translated() -> Iterator[None]:
         raise StoreUnavailable(f"ledger unavailable: {exc}") from exc
 
 
+class _PublishFailed(Exception):
+    """The relay's ``publish`` raised inside the ledger's transaction: re-raised as itself once it rolled back."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
 _MARK_QUEUED = """
 UPDATE requests
    SET published = true,
@@ -244,6 +252,13 @@ class RequestLedger:
         Rows are locked (SKIP LOCKED) for the duration, so several gateways relay disjoint rows. If
         ``publish`` raises, the transaction rolls back and the rows stay unpublished for the next step.
         """
+        try:
+            return await self._relay_step(publish, older_than_s, limit)
+        except _PublishFailed as failed:  # the broker's error, not the ledger's: the rows rolled back
+            raise failed.error from None
+
+    async def _relay_step(self, publish: Callable[[list[RequestRecord]], Awaitable[None]], older_than_s: float,
+                          limit: int) -> int:
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(
@@ -261,7 +276,10 @@ class RequestLedger:
                 queued_at = now()
                 records = [RequestRecord.model_validate_json(row["payload"]) for row in rows]
                 records = [r.model_copy(update={"timings": r.timings.merged(queued_at=queued_at)}) for r in records]
-                await publish(records)
+                try:
+                    await publish(records)
+                except Exception as exc:  # kept apart from the ledger's own errors (a produce timeout is no outage of Postgres)
+                    raise _PublishFailed(exc) from exc
                 await conn.execute(_MARK_QUEUED, [row["request_id"] for row in rows], Status.QUEUED.rank,
                                    Status.QUEUED.value, queued_at)
                 return len(records)
