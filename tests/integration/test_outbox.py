@@ -46,3 +46,34 @@ async def test_the_relay_never_produces_a_record_that_is_on_the_log(settings: In
     finally:
         await pool.close()
         await drop_schema(schema)
+
+
+async def test_a_failed_relay_publish_raises_as_itself_and_the_claim_stays_for_the_next_step(
+        settings: InferlogSettings) -> None:
+    """A produce that times out inside the relay's transaction is the broker's error, never 'ledger
+    unavailable'; the rows roll back, and the next step publishes them."""
+    run = uuid.uuid4().hex[:8]
+    pending = f"pending-{run}"
+    schema = f"{settings.postgres_schema}_outboxfail{run}"
+    await migrate(settings.postgres_url, schema)
+    pool = await connect_pool(settings.postgres_url, schema)
+    ledger = RequestLedger(pool)
+    try:
+        await ledger.claim(_record(pending))
+
+        async def broker_down(records: list[RequestRecord]) -> None:
+            raise TimeoutError
+
+        with pytest.raises(TimeoutError):
+            await ledger.relay_unpublished(broker_down, older_than_s=0)
+        relayed: list[str] = []
+
+        async def publish(records: list[RequestRecord]) -> None:
+            relayed.extend(r.request_id for r in records)
+
+        assert await ledger.relay_unpublished(publish, older_than_s=0) == 1
+        assert relayed == [pending]
+        assert await ledger.relay_unpublished(publish, older_than_s=0) == 0, "a published claim was relayed again"
+    finally:
+        await pool.close()
+        await drop_schema(schema)

@@ -579,3 +579,35 @@ async def test_an_unreadable_record_is_dead_lettered_whatever_its_key(key: bytes
     await settle()
     assert [topic for topic, _key, _record in r.published][0] == TOPICS.dlq and 3 in r.consumer.finished
     assert len(r.published) == (2 if key == b"ok-key" else 1), "a failed result only under a key it can carry"
+
+
+class StalledDeltas:
+    """Redis's delta stream, whose first call stalls until ``gate`` opens (a slow round trip)."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.sent: list[tuple[str, dict[str, str]]] = []
+        self.calls = 0
+
+    async def append_many(self, deltas: list[tuple[str, dict[str, str]]]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await self.gate.wait()
+        self.sent.extend(deltas)
+
+
+async def test_deltas_go_out_as_they_come_and_a_flush_in_flight_at_shutdown_is_never_cut_off() -> None:
+    r = rig()
+    deltas = StalledDeltas()
+    r.worker._side.deltas = deltas
+    stop = asyncio.Event()
+    running = asyncio.create_task(r.worker.run(stop))
+    await asyncio.sleep(0.1)
+    r.worker._on_text("a", "one")
+    await asyncio.sleep(0.05)
+    assert deltas.calls == 1, "a waiting delta was not flushed at once"
+    r.worker._on_text("a", " two")  # arrives while the first flush is in flight
+    stop.set()
+    asyncio.get_running_loop().call_later(0.3, deltas.gate.set)  # the slow round trip answers after the stop
+    await asyncio.wait_for(running, timeout=10)
+    assert deltas.sent == [("a", {"d": "one"}), ("a", {"d": " two"})], "a delta was lost or reordered on the way out"

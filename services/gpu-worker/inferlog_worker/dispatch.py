@@ -15,6 +15,7 @@ records, so consumer-group heartbeats keep their schedule however long a generat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ from inferlog_worker.ports import (
 from inferlog_worker.runner import EngineFailed, GenerationDone, GenerationJob, ModelRunner
 
 log = logging.getLogger(__name__)
+
+DELTA_DRAIN_S = 3.0
+"""On the way out, how long the delta flusher may take to send what waits."""
 
 
 Verdict = Literal["run", "done", "watch", "defer"] | list[Outgoing]
@@ -139,6 +143,8 @@ class GpuWorker:
         """Token deltas and end markers waiting for the next flush to Redis, in order."""
         self._deltas_waiting = asyncio.Event()
         """Set when ``_deltas`` gains an entry: the flusher sends as soon as the previous flush is done."""
+        self._deltas_closing = False
+        """Set on the way out: the flusher sends what waits, then ends."""
         self.takeovers = 0
         """Requests taken over after another worker's lease expired."""
         self.revoked_in_preflight = 0
@@ -157,8 +163,9 @@ class GpuWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         renewing = asyncio.create_task(self._renew_leases_forever())
+        flusher = asyncio.create_task(self._flush_deltas_forever())
         background = [renewing] + [asyncio.create_task(c) for c in (
-            self._report_load_forever(), self._flush_deltas_forever(), self._watch_engine_forever())]
+            self._report_load_forever(), self._watch_engine_forever())]
         try:
             while not stop.is_set() and self._runner.failure is None:
                 if self._admission.has_room():
@@ -181,7 +188,12 @@ class GpuWorker:
         finally:
             for task in background:
                 task.cancel()
-            await self._flush_deltas()
+            # The flusher sends what waits and ends, never cut off mid-flush: a stream reader must see every
+            # delta before its end marker. Bounded: a hung Redis costs the streams, never the shutdown.
+            self._deltas_closing = True
+            self._deltas_waiting.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flusher, DELTA_DRAIN_S)
             if self._load is not None:
                 await self._load.remove(self.worker_id)
 
@@ -796,22 +808,37 @@ class GpuWorker:
 
     # -- side channels -------------------------------------------------------------------------------------
 
-    async def _flush_deltas(self) -> None:
+    async def _flush_deltas(self) -> bool:
+        """Send every waiting delta in one pipelined call; False when Redis did not take them (they are
+        dropped: a stream reader falls back to the stored result)."""
         if not self._deltas or self._side.deltas is None:
             self._deltas.clear()
-            return
+            return True
         batch, self._deltas = self._deltas, []
-        await self._best_effort(self._side.deltas.append_many(batch))
+        try:
+            await self._side.deltas.append_many(batch)
+        except SideChannelUnavailable as exc:
+            log.warning("token deltas not streamed (%d dropped): %s", len(batch), exc)
+            return False
+        return True
 
-    async def _flush_deltas_forever(self, min_interval_s: float = 0.005) -> None:
+    async def _flush_deltas_forever(self, min_interval_s: float = 0.005, max_backoff_s: float = 1.0) -> None:
         """Deltas go out as soon as they come: one pipelined call per flush, and what arrives while a flush
         is in flight (every request's token of the next step) goes out together in the next. A fixed 50 ms
-        tick used to add up to 50 ms to every stream's first token."""
-        while True:
+        tick used to add up to 50 ms to every stream's first token. While Redis refuses, the pause between
+        flushes doubles up to ``max_backoff_s``. Ends once closing and nothing waits."""
+        pause = min_interval_s
+        while not (self._deltas_closing and not self._deltas):
             await self._deltas_waiting.wait()
             self._deltas_waiting.clear()
-            await self._flush_deltas()
-            await asyncio.sleep(min_interval_s)
+            try:
+                sent = await self._flush_deltas()
+            except Exception:  # noqa: BLE001 - the flusher must outlive any one batch
+                log.exception("token delta flush failed unexpectedly")
+                sent = False
+            pause = min_interval_s if sent else min(max_backoff_s, max(0.05, pause * 2))
+            if not self._deltas_closing:
+                await asyncio.sleep(pause)
 
     async def _renew_leases_forever(self) -> None:
         """Renew every held lease. A renewal error is not a loss: keep generating, and re-take the lease
