@@ -140,9 +140,10 @@ async def _direct(model: Any, work: Workload, engine: EngineSettings) -> Run:
         tokens, first = await generate(f"r{i}", work.prompts[i], work.max_tokens[i])
         return Served(len(tokens), None, tokens, first)
 
+    warm = warm_prompts(work, engine.max_running)
     try:
-        return await offer("direct", work, serve, slots=engine.max_running, warm_count=engine.max_running,
-                           warm=lambda k: generate(f"warm{k}", work.prompts[k % len(work)], 4))
+        return await offer("direct", work, serve, slots=engine.max_running, warm_count=len(warm),
+                           warm=lambda k: generate(f"warm{k}", warm[k], 4))
     finally:
         await asyncio.to_thread(manager.stop, block=True, timeout=30)
 
@@ -166,10 +167,10 @@ async def _adapter(model_dir: Path, work: Workload, engine: EngineSettings) -> R
         return Served(len(d.token_ids), d.text, list(d.token_ids),
                       perf_time_of(d.first_token_at) if d.first_token_at else None)
 
+    warm = warm_prompts(work, engine.max_running)
     try:
-        return await offer("adapter", work, serve, slots=engine.max_running, warm_count=engine.max_running,
-                           warm=lambda k: runner.submit(GenerationJob(f"warm{k}", work.prompts[k % len(work)], 4,
-                                                                      ignore_eos=True)))
+        return await offer("adapter", work, serve, slots=engine.max_running, warm_count=len(warm),
+                           warm=lambda k: runner.submit(GenerationJob(f"warm{k}", warm[k], 4, ignore_eos=True)))
     finally:
         await asyncio.to_thread(runner.stop)
 

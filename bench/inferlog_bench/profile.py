@@ -74,7 +74,7 @@ def report(raw: Path, top: int) -> None:
         frames = stack.split(";")
         process = [f for f in frames if f.startswith("process ")][-1]  # py-spy nests a child under its parents
         per_process[process][frames[-1]] += int(count)
-        for frame in set(frames[1:]):
+        for frame in {f for f in frames if not f.startswith("process ")}:
             inclusive[process][frame] += int(count)
     total = sum(sum(c.values()) for c in per_process.values())
     for process, counted in sorted(per_process.items(), key=lambda kv: -sum(kv[1].values())):
