@@ -136,6 +136,22 @@ class JobView:
         return cls(**fields)
 
 
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One accepted job as an operator's command sees it (``RequestLedger.entries``)."""
+
+    request_id: str
+    """The job key."""
+    tenant: str | None
+    status: Status
+    """The stored result's status if it has one, else the ledger's."""
+    terminal: bool
+    payload: str | None
+    """The record as claimed (JSON); None for a row the result-store created on first sight of an ID."""
+    deadline_at: float | None
+    created_at: float
+
+
 class RequestLedger:
     """Claims and reads in the ledger; every asyncpg connection error becomes StoreUnavailable."""
 
@@ -283,6 +299,47 @@ class RequestLedger:
                 await conn.execute(_MARK_QUEUED, [row["request_id"] for row in rows], Status.QUEUED.rank,
                                    Status.QUEUED.value, queued_at)
                 return len(records)
+
+    async def entries(self, *, since: float | None = None, until: float | None = None, open_only: bool = False,
+                      keys: list[str] | None = None) -> list[LedgerEntry]:
+        """Jobs claimed in ``[since, until]`` (Unix seconds, by claim time), or those of ``keys``; with
+        ``open_only`` only those without a terminal result. Oldest first."""
+        clauses, args = ["true"], []  # type: tuple[list[str], list[object]]
+        for clause, value in (("q.created_at >= to_timestamp(${})", since), ("q.created_at <= to_timestamp(${})", until),
+                              ("q.request_id = ANY(${}::text[])", keys)):
+            if value is not None:
+                args.append(value)
+                clauses.append(clause.format(len(args)))
+        if open_only:
+            clauses.append(f"r.request_id IS NULL AND q.status_rank < {TERMINAL_RANK}")
+        with _translated():
+            rows = await self._pool.fetch(
+                "SELECT q.request_id, q.tenant, COALESCE(r.status, q.status) AS status, "
+                f"(r.request_id IS NOT NULL OR q.status_rank >= {TERMINAL_RANK}) AS terminal, q.payload, "
+                "q.deadline_at, extract(epoch FROM q.created_at)::float8 AS created "
+                f"FROM requests q LEFT JOIN results r USING (request_id) WHERE {' AND '.join(clauses)} "
+                "ORDER BY q.created_at, q.request_id", *args)
+        return [LedgerEntry(row["request_id"], row["tenant"], Status(row["status"]), row["terminal"], row["payload"],
+                            row["deadline_at"], row["created"]) for row in rows]
+
+    async def mark_republished(self, records: list[RequestRecord], at: float) -> None:
+        """An operator's command put these claimed jobs' records back on the log (the broker acknowledged):
+        they are published and at least queued; the payload and deadline become the re-published record's
+        (a new deadline is the only change ``payload_hash`` allows), and the re-publish is counted."""
+        with _translated():
+            await self._pool.execute(
+                """
+                UPDATE requests q
+                   SET published = true,
+                       status = CASE WHEN q.status_rank < $4 THEN $5 ELSE q.status END,
+                       status_rank = GREATEST(q.status_rank, $4),
+                       payload = t.payload, deadline_at = t.deadline,
+                       replays = q.replays + 1, replayed_at = $6, updated_at = now()
+                  FROM unnest($1::text[], $2::jsonb[], $3::float8[]) AS t(k, payload, deadline)
+                 WHERE q.request_id = t.k
+                """,
+                [key_of(r) for r in records], [r.model_dump_json(exclude_none=True) for r in records],
+                [r.deadline_at for r in records], Status.QUEUED.rank, Status.QUEUED.value, at)
 
     async def request_cancel(self, request_id: str, at: float) -> JobView | None:
         """Set the durable cancel flag (first request wins); the job as it stands, or None if unknown."""

@@ -9,8 +9,8 @@ from typing import Any
 
 from inferlog.errors import StoreUnavailable
 from inferlog.messages import GenerationParams, RequestRecord, Status
+from inferlog.publishing import OutboxRelay, Submitter
 from inferlog.topics import Topics
-from inferlog_gateway.submit import OutboxRelay, Submitter
 
 
 async def test_an_unexpected_error_makes_the_relay_unhealthy_not_dead() -> None:

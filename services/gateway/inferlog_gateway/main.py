@@ -16,6 +16,7 @@ from inferlog.hot import CancelFlags, DeltaStream, Keys, StatusCache
 from inferlog.kafka import make_producer
 from inferlog.ledger import RequestLedger
 from inferlog.models import ModelRegistry
+from inferlog.publishing import OutboxRelay, Submitter
 from inferlog.topics import Topics, ensure_topics
 from inferlog_gateway import errors
 from inferlog_gateway.admission import Admission, Limits
@@ -23,7 +24,6 @@ from inferlog_gateway.intake import Intake
 from inferlog_gateway.jobs import JobReader
 from inferlog_gateway.routes import GatewayState, router
 from inferlog_gateway.settings import GatewaySettings
-from inferlog_gateway.submit import OutboxRelay, Submitter
 from inferlog_gateway.tenants import TenantKeys
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,11 @@ from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
 from inferlog.identity import job_key
 from inferlog.ledger import Claim, JobView, RequestLedger
 from inferlog.messages import MAX_REQUEST_ID_LEN, Status
+from inferlog.publishing import OutboxRelay, Submitter
 from inferlog_gateway.admission import Admission, Overloaded
 from inferlog_gateway.api import Accepted, JobResult, JobStatus
 from inferlog_gateway.intake import Intake, parse_json
 from inferlog_gateway.jobs import JobReader
-from inferlog_gateway.submit import OutboxRelay, Submitter
 from inferlog_gateway.tenants import TenantKeys
 
 

@@ -1,4 +1,9 @@
-"""Accepting a job (DESIGN.md, contract 2): claim its ID in the ledger, then put its record on the log.
+"""Putting jobs on the log, the one way every path does it: claim in the ledger, produce, mark published.
+
+Used by the gateway (submits and its outbox relay) and by the operators' commands (``inferlog replay`` /
+``redrive``, which re-publish claimed jobs from their ledger payloads without any gateway running).
+
+Accepting a job (DESIGN.md, contract 2): claim its ID in the ledger, then put its record on the log.
 
 A 202 means the ID is claimed in Postgres with the full payload, and either the broker acknowledged the
 record or the produce failed / timed out and the row stays unpublished for the outbox relay, which
@@ -53,6 +58,22 @@ class Submitter:
     async def publish(self, records: list[RequestRecord]) -> None:
         """Each record under its job key (the records themselves carry the client's ID and tenant)."""
         await publish_all(self._producer, [(self._topics.requests, key_of(r), r) for r in records])
+
+    async def republish(self, records: list[RequestRecord], *, chunk: int = 500) -> int:
+        """Put already-claimed jobs back on the log (an operator's replay or re-drive): produce each chunk,
+        then mark it published in the ledger. Raises on the first chunk the broker or the ledger refuses;
+        the chunks before it are done (a re-run re-publishes the rest, and a job on the log twice is one
+        job: claims, terminal checks and leases dedupe). Returns how many were re-published."""
+        done = 0
+        for start in range(0, len(records), chunk):
+            part = records[start:start + chunk]
+            at = now()
+            part = [r if r.timings.queued_at is not None else r.model_copy(
+                update={"timings": r.timings.merged(queued_at=at)}) for r in part]
+            await asyncio.wait_for(self.publish(part), self._timeout_s + len(part) * 0.01)
+            await self._ledger.mark_republished(part, at)
+            done += len(part)
+        return done
 
 
 class OutboxRelay:
