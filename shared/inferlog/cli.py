@@ -1,5 +1,5 @@
 """The ``inferlog`` command: ``up``, ``run <service>``, ``prepare``, ``migrate``, ``topics``, ``schemas``,
-``bench``."""
+``bench``, and the operators' ``replay`` (inferlog.operate)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         from inferlog_bench.cli import main as bench
 
         return bench(argv[1:])
-    parser = argparse.ArgumentParser(prog="inferlog", description="LLM inference over a durable log.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineParser(prog="inferlog", description="LLM inference over a durable log.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     up = sub.add_parser("up", help="start broker (if needed), migrations, model, topics and the four services")
     up.add_argument("--host", default=None, help="gateway address (default INFERLOG_GATEWAY_HOST or 127.0.0.1)")
     up.add_argument("--port", type=int, default=None, help="gateway port (default INFERLOG_GATEWAY_PORT or 8000)")
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(inferlog bench --help)")
     schemas = sub.add_parser("schemas", help="export the records' JSON Schema into schemas/")
     schemas.add_argument("--out", type=Path, default=Path("schemas"))
+    from inferlog.operate import add_commands, run_command
+
+    add_commands(sub)
     args = parser.parse_args(argv)
 
     from inferlog.runtime import configure_logging
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from inferlog.config import InferlogSettings
 
     settings = InferlogSettings()
+    if hasattr(args, "operate"):
+        return run_command(args, settings)
     if args.command == "up":
         from inferlog.stack import up as stack_up
         from inferlog_gateway.settings import GatewaySettings
@@ -72,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr (``inferlog replay: error: …``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 _SERVICE_MODULES = {

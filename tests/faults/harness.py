@@ -34,6 +34,7 @@ from inferlog.config import InferlogSettings
 from inferlog.db import migrate
 from inferlog.hot import Keys
 from inferlog.kafka import make_consumer
+from inferlog.logscan import read_all
 from inferlog.messages import EventRecord, ResultRecord, Status
 from inferlog.topics import Topics, ensure_topics, group_is_consuming
 from tests.conftest import connect_to_schema, free_port, settings_env
@@ -257,29 +258,9 @@ class Report:
 
 
 async def read_topic(settings: InferlogSettings, topic: str, timeout: float = 30) -> list[tuple[bytes | None, bytes]]:
-    """Every record of ``topic``: each partition read from its start to the high-water mark its fetches
-    report (this broker's ``end_offsets`` is unreliable, DESIGN.md). Fails if the topic's partitions are
-    unknown or a partition is not read to its end in time, rather than returning a short read."""
-    consumer = make_consumer(settings.kafka_bootstrap, None)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        assert partitions, f"no partitions known for {topic}"
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: list[tuple[bytes | None, bytes]] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
-            out += [(r.key, r.value) for batch in batches.values() for r in batch]  # type: ignore[misc]
-            behind = [tp for tp in tps if consumer.highwater(tp) is None
-                      or await consumer.position(tp) < (consumer.highwater(tp) or 0)]
-            if not behind:
-                return out
-            assert time.monotonic() < deadline, f"{topic}: partitions {behind} not read to their high-water mark"
-    finally:
-        await consumer.stop()
+    """Every record of ``topic``, each partition read to its high-water mark (``inferlog.logscan``: fails
+    rather than returning a short read)."""
+    return [(r.key, r.value or b"") for r in await read_all(settings.kafka_bootstrap, topic, timeout_s=timeout)]
 
 
 async def stage_times(settings: InferlogSettings, ids: list[str]) -> dict[str, dict[str, float]]:

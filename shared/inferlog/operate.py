@@ -1,0 +1,167 @@
+"""The operators' commands: ``inferlog replay`` (this module wires them; inferlog.recovery does the work).
+
+Each command connects to what it needs and says in one line on stderr, with a non-zero exit, when it
+cannot (an unreachable broker or database, a bad argument): it changes nothing then. A progress bar goes
+to stderr while it works; the summary table (or ``--json``) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+
+from inferlog.config import InferlogSettings
+from inferlog.db import connect_pool
+from inferlog.errors import ConfigError, InferlogError
+from inferlog.kafka import make_producer
+from inferlog.ledger import RequestLedger
+from inferlog.messages import Status
+from inferlog.publishing import Submitter
+from inferlog.recovery import OPEN_STATUSES, ReplayFilter, ReplayReport, parse_time, replay
+from inferlog.topics import Topics, ensure_topics
+
+PRODUCE_TIMEOUT_S = 30.0
+
+
+def add_commands(sub: Any) -> None:
+    """Add the operators' sub-commands to ``inferlog``'s parser."""
+    cmd = sub.add_parser("replay", help="re-publish the open jobs claimed in a time window (after an outage)",
+                         description="Re-publish the jobs claimed in [--since, --until] that have no terminal "
+                         "result, from the ledger's payloads (cross-checked against the requests topic). A job "
+                         "already done or in progress costs nothing: nothing is generated twice.")
+    cmd.add_argument("--since", type=_time, default=None, help="window start: ISO-8601 (UTC if no offset) or Unix s")
+    cmd.add_argument("--until", type=_time, default=None, help="window end (default: now)")
+    cmd.add_argument("--tenant", default=None, help="only this tenant's jobs ('' for the default tenant)")
+    cmd.add_argument("--status", nargs="+", choices=[s.value for s in OPEN_STATUSES], default=None,
+                     help="only jobs whose ledger status is one of these (default: every open status)")
+    cmd.add_argument("--extend-deadline", type=float, default=None, metavar="S",
+                     help="give jobs whose deadline passed a new one, S seconds from now (else they end expired)")
+    cmd.add_argument("--dry-run", action="store_true", help="list what would be re-published; change nothing")
+    cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    cmd.set_defaults(operate="replay")
+
+
+def _time(text: str) -> float:
+    try:
+        return parse_time(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def run_command(args: argparse.Namespace, settings: InferlogSettings) -> int:
+    # The client libraries log each failed connection attempt: the command's own one line says it.
+    for noisy in ("aiokafka", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(_COMMANDS[args.operate](args, settings))
+    except InferlogError as exc:
+        return _fail(args, str(exc))
+    except (KafkaError, OSError, TimeoutError) as exc:
+        return _fail(args, f"the broker at {settings.kafka_bootstrap} did not answer: {exc or type(exc).__name__}")
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    print(f"inferlog {args.operate}: {message}", file=sys.stderr)
+    return 1
+
+
+@dataclass
+class _Connections:
+    ledger: RequestLedger
+    submitter: Submitter
+    topics: Topics
+
+
+@asynccontextmanager
+async def _connected(settings: InferlogSettings) -> AsyncIterator[_Connections]:
+    """The ledger and a producer, or one clear error: the ledger must exist in the schema and every topic
+    on the broker with its configured partitions (a metadata request for a missing one would create it)."""
+    topics = Topics.from_settings(settings)
+    pool = await connect_pool(settings.postgres_url, settings.postgres_schema, max_size=4)
+    try:
+        if await pool.fetchval("SELECT to_regclass('requests')") is None:
+            raise ConfigError(f"schema {settings.postgres_schema} holds no ledger: run `inferlog migrate`")
+        await ensure_topics(settings.kafka_bootstrap, topics, create=False)
+        producer = make_producer(settings.kafka_bootstrap)
+        await producer.start()
+        try:
+            ledger = RequestLedger(pool)
+            yield _Connections(ledger, Submitter(ledger, producer, topics, PRODUCE_TIMEOUT_S), topics)
+        finally:
+            await producer.stop()
+    finally:
+        await pool.close()
+
+
+class _Bar:
+    """rich's progress bar on stderr, one task per phase (shown only on a terminal)."""
+
+    def __init__(self) -> None:
+        console = Console(stderr=True)
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  console=console, transient=True, disable=not console.is_terminal)
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> _Bar:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def __call__(self, phase: str, advance: int, total: int | None) -> None:
+        if phase not in self._tasks:
+            self._tasks[phase] = self._progress.add_task(phase, total=total)
+        self._progress.update(self._tasks[phase], advance=advance, total=total)
+
+
+async def _replay(args: argparse.Namespace, settings: InferlogSettings) -> int:
+    selected = ReplayFilter(since=args.since, until=args.until, tenant=args.tenant,
+                            statuses=tuple(Status(s) for s in args.status) if args.status else OPEN_STATUSES,
+                            extend_deadline_s=args.extend_deadline)
+    async with _connected(settings) as c:
+        with _Bar() as bar:
+            report = await replay(c.ledger, c.submitter, settings.kafka_bootstrap, c.topics.requests, selected,
+                                  dry_run=args.dry_run, progress=bar)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_replay(report)
+    return 0
+
+
+def _print_replay(report: ReplayReport) -> None:
+    console = Console()
+    if report.dry_run and report.republished:
+        listing = Table("job", "why", title="would re-publish", title_justify="left")
+        passed, gone = set(report.deadline_passed), set(report.not_on_log)
+        recovered = set(report.recovered_from_log)
+        for key in report.republished:
+            why = ", ".join(w for w, on in (("from the log", key in recovered), ("not on the log", key in gone),
+                                            ("deadline passed", key in passed)) if on) or "open"
+            listing.add_row(key, why)
+        console.print(listing)
+    for key in report.missing_payload:
+        console.print(f"missing payload (open, nothing to re-publish from): {key}")
+    summary = Table("jobs", "count", title="replay" + (" (dry run: nothing changed)" if report.dry_run else ""),
+                    title_justify="left")
+    for label, count in report.counts().items():
+        summary.add_row(label, str(count))
+    console.print(summary)
+    earliest = "nothing" if report.earliest_on_log is None else f"{report.earliest_on_log:.3f}"
+    console.print(f"requests topic: {report.log_records} records in the window; earliest seen {earliest}")
+
+
+_COMMANDS = {"replay": _replay}

@@ -1,0 +1,229 @@
+"""Operators' recovery: putting accepted jobs that have no terminal result back on the log.
+
+``replay`` works a time window: the ledger (the source of truth for what was accepted) says which jobs were
+claimed then and which of them are still open; a scan of the requests topic over the same window
+cross-checks it (how many of them the log still holds) and recovers what the ledger cannot re-publish: a
+record on the log whose ID has no row, or only the payload-less row the result-store made on first sight.
+Every count is by job key, never by record (a produce that timed out can put one job on the log twice).
+
+Nothing here generates or changes a stored result: a re-published job goes through the tokenizer and the
+workers like any other, whose terminal checks and leases make a job already done or in progress cost
+nothing. Jobs whose deadline passed are re-published with it (the tokenizer ends them ``expired``, DESIGN.md
+contract 9) unless the operator gives them a new one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+
+from inferlog.errors import ConfigError, IdempotencyConflict
+from inferlog.ledger import LedgerEntry, RequestLedger, key_of
+from inferlog.logscan import scan
+from inferlog.messages import RequestRecord, Status, now
+from inferlog.publishing import Submitter
+
+OPEN_STATUSES = (Status.RECEIVED, Status.QUEUED, Status.TOKENIZED, Status.RUNNING)
+
+SCAN_GRACE_S = 15.0
+"""A job is claimed before its record is produced (by at most the produce timeout, then the outbox relay):
+the log is scanned this much past the window's end so a job claimed at its very end is still found there."""
+
+Progress = Callable[[str, int, int | None], None]
+"""Told (phase, how many more done, the phase's total if known) as the work advances: the CLI draws its
+progress bar from it."""
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds from ISO-8601 (a time without an offset is UTC) or a number of Unix seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is neither ISO-8601 (2026-12-03T10:00:00Z) nor Unix seconds") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass(frozen=True)
+class ReplayFilter:
+    since: float | None = None
+    until: float | None = None
+    tenant: str | None = None
+    """Only this tenant's jobs ("" is the default tenant); None: every tenant's."""
+    statuses: tuple[Status, ...] = OPEN_STATUSES
+    extend_deadline_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise ConfigError(f"--since ({_iso(self.since)}) is after --until ({_iso(self.until)})")
+        if self.extend_deadline_s is not None and self.extend_deadline_s <= 0:
+            raise ConfigError("--extend-deadline must be a positive number of seconds")
+        closed = [s.value for s in self.statuses if s.is_terminal()]
+        if closed:
+            raise ConfigError(f"--status {closed[0]} is terminal: a job with a result is never re-published")
+
+    def wants_tenant(self, tenant: str | None) -> bool:
+        return self.tenant is None or (tenant or "") == self.tenant
+
+
+@dataclass
+class ReplayReport:
+    """What a replay found and did, each list of job keys."""
+
+    filter: ReplayFilter
+    dry_run: bool
+    republished: list[str] = field(default_factory=list)
+    """Re-published (or, in a dry run, to be): open jobs of the window and filter."""
+    recovered_from_log: list[str] = field(default_factory=list)
+    """Among ``republished``: claimed from their record on the log (no ledger payload)."""
+    already_terminal: list[str] = field(default_factory=list)
+    missing_payload: list[str] = field(default_factory=list)
+    """Open, with no payload in the ledger and no record on the log: nothing to re-publish (never guessed)."""
+    skipped_tenant: list[str] = field(default_factory=list)
+    skipped_status: list[str] = field(default_factory=list)
+    deadline_passed: list[str] = field(default_factory=list)
+    """Among ``republished``: their deadline had passed; without --extend-deadline they end ``expired``."""
+    deadline_extended: list[str] = field(default_factory=list)
+    not_on_log: list[str] = field(default_factory=list)
+    """Among ``republished``: the requests topic no longer holds their record in the window (a broker that
+    lost its log, retention)."""
+    conflicts: list[str] = field(default_factory=list)
+    """Records on the log whose ID the ledger holds with another payload: never re-published."""
+    log_records: int = 0
+    """Records of the requests topic in the scanned window (several may be one job)."""
+    earliest_on_log: float | None = None
+    """The oldest record timestamp the scan saw (Unix seconds): the log holds nothing older."""
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "re-published" if not self.dry_run else "to re-publish": len(self.republished),
+            "  of them recovered from the log": len(self.recovered_from_log),
+            "  of them past their deadline (end expired)": len(self.deadline_passed),
+            "  of them given a new deadline": len(self.deadline_extended),
+            "  of them no longer on the log": len(self.not_on_log),
+            "already terminal": len(self.already_terminal),
+            "missing payload (not re-publishable)": len(self.missing_payload),
+            "skipped by tenant": len(self.skipped_tenant),
+            "skipped by status": len(self.skipped_status),
+            "conflicting record on the log": len(self.conflicts),
+        }
+
+    def to_json(self) -> dict[str, object]:
+        f = self.filter
+        return {
+            "dry_run": self.dry_run,
+            "window": {"since": f.since, "until": f.until, "tenant": f.tenant,
+                       "statuses": [s.value for s in f.statuses], "extend_deadline_s": f.extend_deadline_s},
+            "republished": self.republished, "recovered_from_log": self.recovered_from_log,
+            "already_terminal": len(self.already_terminal), "missing_payload": self.missing_payload,
+            "skipped_tenant": len(self.skipped_tenant), "skipped_status": len(self.skipped_status),
+            "deadline_passed": self.deadline_passed, "deadline_extended": self.deadline_extended,
+            "not_on_log": self.not_on_log, "conflicts": self.conflicts, "log_records": self.log_records,
+            "earliest_on_log": self.earliest_on_log,
+        }
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def replay(ledger: RequestLedger, submitter: Submitter, bootstrap: str, requests_topic: str,
+                 selected: ReplayFilter, *, dry_run: bool, progress: Progress | None = None) -> ReplayReport:
+    """Re-publish the open jobs claimed in the window (see the module's docstring)."""
+    tell = progress or (lambda _phase, _n, _total: None)
+    report = ReplayReport(selected, dry_run)
+    on_log = await _scan_window(bootstrap, requests_topic, selected, report, tell)
+    entries = {e.request_id: e for e in await ledger.entries(since=selected.since, until=selected.until)}
+    # Records on the log of jobs the window's ledger rows do not cover: the ledger may know them from
+    # another time (then they are not this window's), or only by a payload-less first-sight row, or not at all.
+    unknown = [k for k, (_record, at) in on_log.items() if k not in entries and _in_window(at, selected)]
+    elsewhere = {e.request_id: e for e in await ledger.entries(keys=unknown)} if unknown else {}
+    at = now()
+    to_publish: list[RequestRecord] = []
+    to_claim: list[RequestRecord] = []
+    for key in [*entries, *(k for k in unknown if k not in elsewhere or elsewhere[k].payload is None)]:
+        entry = entries.get(key) or elsewhere.get(key)
+        logged = on_log.get(key)
+        record = _record_of(entry, logged[0] if logged else None)
+        tenant = entry.tenant if entry is not None else record.tenant if record is not None else None
+        if entry is not None and entry.terminal:
+            report.already_terminal.append(key)
+        elif not selected.wants_tenant(tenant):
+            report.skipped_tenant.append(key)
+        elif (entry.status if entry is not None else Status.RECEIVED) not in selected.statuses:
+            report.skipped_status.append(key)
+        elif record is None:
+            report.missing_payload.append(key)
+        else:
+            if entry is None or entry.payload is None:
+                to_claim.append(record)
+            to_publish.append(_deadline_for(record, selected, at, report))
+            report.republished.append(key)
+            if logged is None:
+                report.not_on_log.append(key)
+        tell("planning", 1, len(entries) + len(unknown))
+    if dry_run:
+        report.recovered_from_log = [key_of(r) for r in to_claim]
+        return report
+    if to_claim:
+        outcomes = await ledger.claim_many(to_claim)
+        refused = {key_of(r) for r, o in zip(to_claim, outcomes, strict=True) if isinstance(o, IdempotencyConflict)}
+        report.conflicts += sorted(refused)
+        report.republished = [k for k in report.republished if k not in refused]
+        to_publish = [r for r in to_publish if key_of(r) not in refused]
+        report.recovered_from_log = [key_of(r) for r in to_claim if key_of(r) not in refused]
+    for start in range(0, len(to_publish), 500):
+        part = to_publish[start:start + 500]
+        await submitter.republish(part)
+        tell("re-publishing", len(part), len(to_publish))
+    return report
+
+
+def _in_window(at_ms: int, selected: ReplayFilter) -> bool:
+    at = at_ms / 1000
+    return (selected.since is None or at >= selected.since) and (selected.until is None or at <= selected.until)
+
+
+async def _scan_window(bootstrap: str, topic: str, selected: ReplayFilter, report: ReplayReport,
+                       tell: Progress) -> dict[str, tuple[RequestRecord, int]]:
+    """Each job on the requests topic in the window (plus the scan's grace): its first readable record and
+    that record's timestamp."""
+    since_ms = None if selected.since is None else int(selected.since * 1000)
+    until_ms = None if selected.until is None else int((selected.until + SCAN_GRACE_S) * 1000)
+    found: dict[str, tuple[RequestRecord, int]] = {}
+    async for batch in scan(bootstrap, topic, since_ms=since_ms, until_ms=until_ms):
+        for logged in batch:
+            report.log_records += 1
+            seen = logged.timestamp_ms / 1000
+            report.earliest_on_log = seen if report.earliest_on_log is None else min(report.earliest_on_log, seen)
+            try:
+                record = RequestRecord.model_validate_json(logged.value or b"")
+            except (ValidationError, ValueError):
+                continue  # a broken record: the tokenizer dead-lettered it (`inferlog dlq`)
+            found.setdefault(key_of(record), (record, logged.timestamp_ms))
+        tell(f"scanning {topic}", len(batch), None)
+    return found
+
+
+def _record_of(entry: LedgerEntry | None, logged: RequestRecord | None) -> RequestRecord | None:
+    """The job's record: the ledger's payload (what was accepted), else the one on the log."""
+    if entry is not None and entry.payload is not None:
+        return RequestRecord.model_validate(json.loads(entry.payload))
+    return logged
+
+
+def _deadline_for(record: RequestRecord, selected: ReplayFilter, at: float, report: ReplayReport) -> RequestRecord:
+    if record.deadline_at is None or record.deadline_at > at:
+        return record
+    if selected.extend_deadline_s is None:
+        report.deadline_passed.append(key_of(record))
+        return record
+    report.deadline_extended.append(key_of(record))
+    return record.model_copy(update={"deadline_at": at + selected.extend_deadline_s})
