@@ -177,8 +177,10 @@ async def test_cancel_stops_running_and_queued_jobs(stack: RunningStack, http: h
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
     assert (await http.delete("/v1/requests/nope")).status_code == 404
 
-    # A deadline that passes mid-generation ends the job expired.
-    expiring = await submit(http, messages=CHAT, max_tokens=450, ignore_eos=True, deadline_s=1.5)
+    # A deadline that passes mid-generation ends the job expired. 0.5 s: the tiny model wrote all 450 tokens
+    # within 1.5 s of the submit on a CI run (2026-12-04); a deadline that passes before the job runs ends it
+    # expired too (the tokenizer or the worker's admission).
+    expiring = await submit(http, messages=CHAT, max_tokens=450, ignore_eos=True, deadline_s=0.5)
     job = await wait_terminal(http, expiring, timeout=30)
     assert job["status"] == "expired" and job["error"]["code"] == "deadline_exceeded"
 

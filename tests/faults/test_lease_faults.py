@@ -61,16 +61,17 @@ async def test_redis_paused_while_a_second_worker_watches(make_cluster: MakeClus
     await cluster.wait_ready()
     started = time.monotonic()
     client = Client(cluster.url)
-    # 170-270 tokens: long enough to outlive the rebalance (w2 watches them), short enough to fit the budget
-    # on this machine (300-450 measured 107-119 s here on 2026-12-03, with the code that passed before).
-    await client.submit_many(long_bodies(200, "fa", low=170, high=270))
-    assert len(client.accepted) == 200
-    await eventually(lambda: running_at_least(cluster, "w1", 40), timeout=60, interval=0.05)
+    # 72 requests of 380-450 tokens: w1 runs 64 at once for 40 s or more (about 10 tokens/s each at that
+    # batch on this machine), so w2 joins while they run and watches the ones on its partitions, however
+    # long its start takes. 200 requests of 170-270 tokens (the earlier shape) turned over w1's batch within
+    # w2's start: a clean-clone run on 2026-12-04 never saw w2 watch 5.
+    await client.submit_many(long_bodies(72, "fa", low=380, high=450))
+    assert len(client.accepted) == 72
+    await eventually(lambda: running_at_least(cluster, "w1", 60), timeout=60, interval=0.05)
     cluster.spawn("w2", "gpu-worker", **big)  # joins: w1's partitions move, w2 watches what w1 runs
-    # The pause starts as soon as w2 watches a few: how many of w1's requests are still running on w2's
-    # partitions when it joins depends on the engine's speed (a clean-clone run on 2026-12-03 peaked at 15
-    # watched, and a threshold of 20 never came).
-    await eventually(lambda: _counter_at_least(cluster, ("w2",), "watching", 5), timeout=60, interval=0.05)
+    watched = await eventually(lambda: _counter_at_least(cluster, ("w2",), "watching", 5), timeout=60,
+                               interval=0.05)
+    print(f"w2 watches {watched} of w1's running requests when Redis pauses")
 
     assert own_redis.proc is not None
     own_redis.proc.send_signal(signal.SIGSTOP)
@@ -81,8 +82,10 @@ async def test_redis_paused_while_a_second_worker_watches(make_cluster: MakeClus
     report = await check(cluster.settings, list(client.accepted))
     assert report.lost == [] and report.conflicting == [], describe(report)
     assert report.regenerated == [] and report.generations == report.accepted, describe(report)
-    assert report.statuses == {"completed": 200}, describe(report)
-    assert time.monotonic() - started <= FAULT_BUDGET_S
+    assert report.statuses == {"completed": 72}, describe(report)
+    elapsed = time.monotonic() - started
+    print(f"72 requests finished {elapsed:.0f} s after the first submit")
+    assert elapsed <= FAULT_BUDGET_S
 
 
 async def _produce_tokenized(cluster: Cluster, count: int, prefix: str) -> list[str]:
@@ -144,5 +147,7 @@ async def test_rebalance_while_work_waits_in_preflight(make_cluster: MakeCluster
     report = await check(cluster.settings, accepted)
     assert report.lost == [] and report.conflicting == [], describe(report)
     assert report.regenerated == [] and report.generations == report.accepted, describe(report)
-    assert report.statuses == {"completed": 200}, describe(report)
-    assert time.monotonic() - started <= FAULT_BUDGET_S
+    assert report.statuses == {"completed": 72}, describe(report)
+    elapsed = time.monotonic() - started
+    print(f"72 requests finished {elapsed:.0f} s after the first submit")
+    assert elapsed <= FAULT_BUDGET_S
