@@ -31,8 +31,8 @@ class LoggedRecord:
 async def scan(bootstrap: str, topic: str, *, since_ms: int | None = None, until_ms: int | None = None,
                timeout_s: float = 60.0, max_records: int = 5_000) -> AsyncIterator[list[LoggedRecord]]:
     """The records of ``topic`` (within ``[since_ms, until_ms]`` by record timestamp, when given), in batches
-    as fetched. Raises ConfigError if the topic is unknown to the broker, TimeoutError if a partition is
-    not read to its high-water mark within ``timeout_s``."""
+    as fetched. Raises ConfigError if the topic is unknown to the broker, TimeoutError if the scan fetches
+    nothing for ``timeout_s`` before every partition is read to its high-water mark."""
     consumer = make_consumer(bootstrap, None)
     await consumer.start()
     try:
@@ -54,9 +54,11 @@ async def scan(bootstrap: str, topic: str, *, since_ms: int | None = None, until
                       or await consumer.position(tp) < (consumer.highwater(tp) or 0)]
             if not behind:
                 return
-            if time.monotonic() > deadline:
+            if fetched:  # the limit is on a scan that stalls, not on a long one
+                deadline = time.monotonic() + timeout_s
+            elif time.monotonic() > deadline:
                 raise TimeoutError(f"{topic}: partitions {[tp.partition for tp in behind]} not read to their "
-                                   f"high-water mark in {timeout_s:.0f}s")
+                                   f"high-water mark: nothing fetched for {timeout_s:.0f}s")
     finally:
         await consumer.stop()
 

@@ -20,7 +20,7 @@ from typing import Any
 from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from inferlog.config import InferlogSettings
 from inferlog.db import connect_pool
@@ -69,7 +69,7 @@ def run_command(args: argparse.Namespace, settings: InferlogSettings) -> int:
     except InferlogError as exc:
         return _fail(args, str(exc))
     except (KafkaError, OSError, TimeoutError) as exc:
-        return _fail(args, f"the broker at {settings.kafka_bootstrap} did not answer: {exc or type(exc).__name__}")
+        return _fail(args, f"the broker at {settings.kafka_bootstrap} did not answer: {str(exc) or type(exc).__name__}")
 
 
 def _fail(args: argparse.Namespace, message: str) -> int:
@@ -143,9 +143,9 @@ async def _replay(args: argparse.Namespace, settings: InferlogSettings) -> int:
 
 
 def _print_replay(report: ReplayReport) -> None:
-    console = Console()
+    console = Console(markup=False, emoji=False)  # job keys are the clients' text: printed as they are
     if report.dry_run and report.republished:
-        listing = Table("job", "why", title="would re-publish", title_justify="left")
+        listing = Table(Column("job", overflow="fold"), "why", title="would re-publish", title_justify="left")
         passed, gone = set(report.deadline_passed), set(report.not_on_log)
         recovered = set(report.recovered_from_log)
         for key in report.republished:

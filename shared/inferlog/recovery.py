@@ -15,6 +15,8 @@ contract 9) unless the operator gives them a new one.
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,28 +29,40 @@ from inferlog.logscan import scan
 from inferlog.messages import RequestRecord, Status, now
 from inferlog.publishing import Submitter
 
+log = logging.getLogger(__name__)
+
 OPEN_STATUSES = (Status.RECEIVED, Status.QUEUED, Status.TOKENIZED, Status.RUNNING)
 
 SCAN_GRACE_S = 15.0
 """A job is claimed before its record is produced (by at most the produce timeout, then the outbox relay):
 the log is scanned this much past the window's end so a job claimed at its very end is still found there."""
 
+MAX_EXTENSION_S = 7 * 24 * 3600.0
+"""The longest new deadline (the gateway's own limit for ``deadline_s``)."""
+
 Progress = Callable[[str, int, int | None], None]
 """Told (phase, how many more done, the phase's total if known) as the work advances: the CLI draws its
 progress bar from it."""
 
 
+LATEST_UNIX_S = 4_102_444_800.0
+"""2100-01-01: a larger number of "seconds" is milliseconds or a typo, never a time to replay."""
+
+
 def parse_time(text: str) -> float:
     """Unix seconds from ISO-8601 (a time without an offset is UTC) or a number of Unix seconds."""
     try:
-        return float(text)
+        at = float(text)
     except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(f"{text!r} is neither ISO-8601 (2026-12-03T10:00:00Z) nor Unix seconds") from None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise ConfigError(f"{text!r} is neither ISO-8601 (2026-12-03T10:00:00Z) nor Unix seconds") from None
+        at = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    if not math.isfinite(at) or not 0 <= at <= LATEST_UNIX_S:
+        raise ConfigError(f"{text!r} is not a time between 1970 and 2100 in Unix seconds "
+                          "(milliseconds? divide by 1000)")
+    return at
 
 
 @dataclass(frozen=True)
@@ -63,8 +77,8 @@ class ReplayFilter:
     def __post_init__(self) -> None:
         if self.since is not None and self.until is not None and self.since > self.until:
             raise ConfigError(f"--since ({_iso(self.since)}) is after --until ({_iso(self.until)})")
-        if self.extend_deadline_s is not None and self.extend_deadline_s <= 0:
-            raise ConfigError("--extend-deadline must be a positive number of seconds")
+        if self.extend_deadline_s is not None and not 0 < self.extend_deadline_s <= MAX_EXTENSION_S:
+            raise ConfigError("--extend-deadline must be a positive number of seconds, at most 7 days")
         closed = [s.value for s in self.statuses if s.is_terminal()]
         if closed:
             raise ConfigError(f"--status {closed[0]} is terminal: a job with a result is never re-published")
@@ -85,7 +99,8 @@ class ReplayReport:
     """Among ``republished``: claimed from their record on the log (no ledger payload)."""
     already_terminal: list[str] = field(default_factory=list)
     missing_payload: list[str] = field(default_factory=list)
-    """Open, with no payload in the ledger and no record on the log: nothing to re-publish (never guessed)."""
+    """Open, with no readable payload in the ledger and no record on the log: nothing to re-publish (never
+    guessed)."""
     skipped_tenant: list[str] = field(default_factory=list)
     skipped_status: list[str] = field(default_factory=list)
     deadline_passed: list[str] = field(default_factory=list)
@@ -141,22 +156,26 @@ async def replay(ledger: RequestLedger, submitter: Submitter, bootstrap: str, re
     report = ReplayReport(selected, dry_run)
     on_log = await _scan_window(bootstrap, requests_topic, selected, report, tell)
     entries = {e.request_id: e for e in await ledger.entries(since=selected.since, until=selected.until)}
-    # Records on the log of jobs the window's ledger rows do not cover: the ledger may know them from
-    # another time (then they are not this window's), or only by a payload-less first-sight row, or not at all.
+    # Records on the log in the window whose jobs the window's ledger rows do not cover: the ledger knows
+    # them from another claim time (a lagging tokenizer, a replay's own claim of an earlier run), only by a
+    # payload-less first-sight row, or not at all. A record in the window makes them this window's jobs.
     unknown = [k for k, (_record, at) in on_log.items() if k not in entries and _in_window(at, selected)]
     elsewhere = {e.request_id: e for e in await ledger.entries(keys=unknown)} if unknown else {}
     at = now()
     to_publish: list[RequestRecord] = []
     to_claim: list[RequestRecord] = []
-    for key in [*entries, *(k for k in unknown if k not in elsewhere or elsewhere[k].payload is None)]:
+    for key in [*entries, *unknown]:
         entry = entries.get(key) or elsewhere.get(key)
         logged = on_log.get(key)
         record = _record_of(entry, logged[0] if logged else None)
-        tenant = entry.tenant if entry is not None else record.tenant if record is not None else None
-        if entry is not None and entry.terminal:
-            report.already_terminal.append(key)
-        elif not selected.wants_tenant(tenant):
+        if entry is not None and entry.payload is not None:
+            tenant = entry.tenant
+        else:  # a first-sight row keeps no tenant: the record says whose job it is
+            tenant = record.tenant if record is not None else entry.tenant if entry is not None else None
+        if not selected.wants_tenant(tenant):
             report.skipped_tenant.append(key)
+        elif entry is not None and entry.terminal:
+            report.already_terminal.append(key)
         elif (entry.status if entry is not None else Status.RECEIVED) not in selected.statuses:
             report.skipped_status.append(key)
         elif record is None:
@@ -176,7 +195,8 @@ async def replay(ledger: RequestLedger, submitter: Submitter, bootstrap: str, re
         outcomes = await ledger.claim_many(to_claim)
         refused = {key_of(r) for r, o in zip(to_claim, outcomes, strict=True) if isinstance(o, IdempotencyConflict)}
         report.conflicts += sorted(refused)
-        report.republished = [k for k in report.republished if k not in refused]
+        for listed in ("republished", "deadline_passed", "deadline_extended", "not_on_log"):
+            setattr(report, listed, [k for k in getattr(report, listed) if k not in refused])
         to_publish = [r for r in to_publish if key_of(r) not in refused]
         report.recovered_from_log = [key_of(r) for r in to_claim if key_of(r) not in refused]
     for start in range(0, len(to_publish), 500):
@@ -215,7 +235,11 @@ async def _scan_window(bootstrap: str, topic: str, selected: ReplayFilter, repor
 def _record_of(entry: LedgerEntry | None, logged: RequestRecord | None) -> RequestRecord | None:
     """The job's record: the ledger's payload (what was accepted), else the one on the log."""
     if entry is not None and entry.payload is not None:
-        return RequestRecord.model_validate(json.loads(entry.payload))
+        try:
+            return RequestRecord.model_validate(json.loads(entry.payload))
+        except (ValidationError, ValueError):  # claimed under an older schema: reported, never guessed
+            log.warning("the ledger's payload of %s no longer reads as a request record", entry.request_id)
+            return None
     return logged
 
 

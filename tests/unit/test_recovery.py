@@ -22,9 +22,11 @@ def record(rid: str, *, tenant: str | None = None, deadline_at: float | None = N
                          tenant=tenant, deadline_at=deadline_at)
 
 
-def entry(r: RequestRecord, status: Status = Status.QUEUED, *, payload: bool = True) -> LedgerEntry:
-    return LedgerEntry(key_of(r), r.tenant, status, status.is_terminal(),
-                       r.model_dump_json(exclude_none=True) if payload else None, r.deadline_at, 100.0)
+def entry(r: RequestRecord, status: Status = Status.QUEUED, *, payload: bool = True,
+          created_at: float = 100.0) -> LedgerEntry:
+    """A ledger row; a first-sight row (no payload) keeps no tenant, as the result-store writes it."""
+    return LedgerEntry(key_of(r), r.tenant if payload else None, status, status.is_terminal(),
+                       r.model_dump_json(exclude_none=True) if payload else None, r.deadline_at, created_at)
 
 
 class FakeLedger:
@@ -37,7 +39,8 @@ class FakeLedger:
                       keys: list[str] | None = None, **_: Any) -> list[LedgerEntry]:
         if keys is not None:
             return [self._entries[k] for k in keys if k in self._entries]
-        return [e for e in self._entries.values() if e.created_at >= 0]
+        return [e for e in self._entries.values()
+                if (since is None or e.created_at >= since) and (until is None or e.created_at <= until)]
 
     async def claim_many(self, records: list[RequestRecord]) -> list[Claim | IdempotencyConflict]:
         self.claimed += [key_of(r) for r in records]
@@ -148,3 +151,53 @@ def test_parse_time() -> None:
     assert parse_time("2026-12-03T01:00:00+01:00") == 1796256000.0
     with pytest.raises(ConfigError, match="neither ISO-8601"):
         parse_time("yesterday")
+
+
+async def test_a_job_claimed_outside_the_window_whose_record_is_in_it_is_replayed(on_log: list[RequestRecord]) -> None:
+    """A record logged in the window but claimed later (a lagging tokenizer, or an earlier replay's own claim
+    of an orphan whose produce then failed) is the window's job: it is never dropped uncounted."""
+    late_claim, late_done = record("late-claim"), record("late-done")
+    on_log += [late_claim, late_done]  # logged at 100 s
+    ledger = FakeLedger([entry(late_claim, created_at=500.0), entry(late_done, Status.COMPLETED, created_at=500.0)])
+    report, submitter = await run(ledger, ReplayFilter(since=50.0, until=200.0))
+    assert report.republished == ["late-claim"] and [key_of(r) for r in submitter.published] == ["late-claim"]
+    assert report.already_terminal == ["late-done"] and ledger.claimed == []
+
+
+async def test_a_first_sight_rows_tenant_is_the_records(on_log: list[RequestRecord]) -> None:
+    theirs, done_elsewhere = record("x", tenant="acme"), record("d", tenant="other")
+    on_log.append(theirs)
+    ledger = FakeLedger([entry(theirs, Status.RECEIVED, payload=False), entry(done_elsewhere, Status.COMPLETED)])
+    report, submitter = await run(ledger, ReplayFilter(tenant="acme"))
+    assert report.republished == ["acme/x"] and [r.tenant for r in submitter.published] == ["acme"]
+    assert report.already_terminal == [], "another tenant's finished job is not this replay's count"
+    assert report.skipped_tenant == ["other/d"]
+    report, submitter = await run(ledger, ReplayFilter(tenant=""))
+    assert report.republished == [] and report.skipped_tenant == ["acme/x", "other/d"]
+
+
+async def test_a_payload_that_no_longer_reads_is_reported_not_fatal(on_log: list[RequestRecord]) -> None:
+    good = record("good")
+    broken = LedgerEntry("old/id/with/slashes", None, Status.QUEUED, False, '{"schema_version": 1}', None, 100.0)
+    report, submitter = await run(FakeLedger([entry(good), broken]))
+    assert report.republished == ["good"] and report.missing_payload == ["old/id/with/slashes"]
+
+
+async def test_refused_claims_leave_every_list(on_log: list[RequestRecord]) -> None:
+    orphan = record("orphan", deadline_at=now() - 60)
+    on_log.append(orphan)
+    report, _ = await run(FakeLedger([], conflicting={"orphan"}))
+    assert report.conflicts == ["orphan"]
+    assert report.republished == report.deadline_passed == report.recovered_from_log == []
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-5", "1796342400000", "1e300"])
+def test_times_out_of_range_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="between 1970 and 2100"):
+        parse_time(text)
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), 8 * 24 * 3600.0])
+def test_unbounded_deadline_extensions_are_refused(seconds: float) -> None:
+    with pytest.raises(ConfigError, match="at most 7 days"):
+        ReplayFilter(extend_deadline_s=seconds)
