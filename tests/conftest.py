@@ -18,9 +18,10 @@ import pytest
 from inferlog import broker
 from inferlog.config import DEFAULT_MODEL_NAME, InferlogSettings, ModelSpec
 from inferlog.db import migrate
+from inferlog.epoch import prepare_broker
 from inferlog.models import ModelRegistry, prepare
 from inferlog.testing import build_tiny_llama
-from inferlog.topics import Topics, ensure_topics
+from inferlog.topics import Topics
 
 POSTGRES_URL = os.environ.get("INFERLOG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("INFERLOG_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -98,7 +99,7 @@ async def settings(run_id: str, bootstrap: str, tiny_dir: Path) -> AsyncIterator
     """Settings for this run: its own topics (created) and its own database schema (migrated, then dropped)."""
     s = make_settings(run_id, bootstrap, tiny_dir)
     await migrate(s.postgres_url, s.postgres_schema)
-    await ensure_topics(s.kafka_bootstrap, Topics.from_settings(s))
+    await prepare_broker(s.kafka_bootstrap, Topics.from_settings(s))
     yield s
     await drop_schema(s.postgres_schema)
 

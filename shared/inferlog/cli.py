@@ -1,5 +1,5 @@
-"""The ``inferlog`` command: ``up``, ``run <service>``, ``prepare``, ``migrate``, ``topics``, ``schemas``,
-``bench``, and the operators' ``replay`` (inferlog.operate)."""
+"""The ``inferlog`` command: ``up``, ``run <service>``, ``prepare``, ``migrate``, ``schemas``, ``bench``,
+and the operators' ``topics``, ``replay`` and ``redrive`` (inferlog.operate)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("service", choices=list(_SERVICE_MODULES))
     sub.add_parser("prepare", help="convert every registered GGUF model into its cached HF directory")
     sub.add_parser("migrate", help="apply the database migrations")
-    sub.add_parser("topics", help="create the topics (if missing) and check their partition counts")
     sub.add_parser("bench", help="every backend side by side: naive, static, direct, peer server, pipeline "
                    "(inferlog bench --help)")
     schemas = sub.add_parser("schemas", help="export the records' JSON Schema into schemas/")
@@ -68,13 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 
         applied = asyncio.run(migrate(settings.postgres_url, settings.postgres_schema))
         print(f"applied: {applied or 'nothing (up to date)'}")
-        return 0
-    if args.command == "topics":
-        from inferlog.topics import Topics, ensure_topics
-
-        topics = Topics.from_settings(settings)
-        asyncio.run(ensure_topics(settings.kafka_bootstrap, topics))
-        print("\n".join(f"{name}: {count} partitions" for name, count in topics.layout().items()))
         return 0
     parser.error(f"unknown command {args.command}")
     return 2

@@ -45,6 +45,9 @@ class InferlogSettings(BaseSettings):
     """Prefix of every topic name (``<prefix>.requests.v1``); tests use a fresh one per run."""
     topic_partitions: int = Field(default=4, ge=1, le=256)
     """Partition count of the requests, tokenized, events and results topics."""
+    broker_check_interval_s: float = Field(default=3.0, gt=0, le=60)
+    """How often a consuming service checks that the broker still holds the log it started on (its topics,
+    their partition counts, the epoch marker: inferlog.epoch)."""
     postgres_url: str = LOCAL_POSTGRES
     """Postgres DSN of the ledger and result store. Unset: the local one if it answers, else (``inferlog
     up``) an embedded one; ``embedded`` forces that. A configured URL that does not answer is an error."""

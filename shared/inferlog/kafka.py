@@ -5,6 +5,12 @@
 - ``acks="all"``: a produce returns only once the record is durable on the broker.
 - Consumers never auto-commit (each service commits after it has handed its work on) and wait at most
   ``fetch_max_wait_ms`` (default 10 ms; aiokafka's 500 ms costs ~134 ms a hop on this broker).
+- No client ever creates a topic by asking for it. aiokafka's metadata requests say
+  ``allow_auto_topic_creation=True`` and it has no setting for it; after a restart that lost its log, Tansu
+  re-created a 6-partition topic with its default of 4 within 0.6 s of a consumer's metadata refresh, and the
+  consumer went on, its positions silently reset. Importing this module makes every aiokafka client in the
+  process ask with ``False`` (Tansu honours it: the topic stays missing, a produce to it fails), so topics
+  only come from ``inferlog topics`` (inferlog.epoch).
 """
 
 from __future__ import annotations
@@ -12,8 +18,22 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiokafka.admin.client
+import aiokafka.client
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.protocol.metadata import MetadataRequest
 from pydantic import BaseModel
+
+
+class _NoAutoCreation(MetadataRequest):
+    """A metadata request that never creates the topics it names."""
+
+    def __init__(self, topics: list[str] | None = None, allow_auto_topic_creation: bool | None = None) -> None:
+        super().__init__(topics, allow_auto_topic_creation=False)
+
+
+aiokafka.client.MetadataRequest = _NoAutoCreation  # type: ignore[misc]
+aiokafka.admin.client.MetadataRequest = _NoAutoCreation  # type: ignore[misc]
 
 
 def make_producer(bootstrap: str, *, request_timeout_ms: int = 10_000, **overrides: Any) -> AIOKafkaProducer:

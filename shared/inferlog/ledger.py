@@ -150,6 +150,8 @@ class LedgerEntry:
     """The record as claimed (JSON); None for a row the result-store created on first sight of an ID."""
     deadline_at: float | None
     created_at: float
+    redriven_epoch: str | None = None
+    """The broker epoch ``inferlog redrive`` last re-published it into."""
 
 
 class RequestLedger:
@@ -316,16 +318,17 @@ class RequestLedger:
             rows = await self._pool.fetch(
                 "SELECT q.request_id, q.tenant, COALESCE(r.status, q.status) AS status, "
                 f"(r.request_id IS NOT NULL OR q.status_rank >= {TERMINAL_RANK}) AS terminal, q.payload, "
-                "q.deadline_at, extract(epoch FROM q.created_at)::float8 AS created "
+                "q.deadline_at, extract(epoch FROM q.created_at)::float8 AS created, q.redriven_epoch "
                 f"FROM requests q LEFT JOIN results r USING (request_id) WHERE {' AND '.join(clauses)} "
                 "ORDER BY q.created_at, q.request_id", *args)
         return [LedgerEntry(row["request_id"], row["tenant"], Status(row["status"]), row["terminal"], row["payload"],
-                            row["deadline_at"], row["created"]) for row in rows]
+                            row["deadline_at"], row["created"], row["redriven_epoch"]) for row in rows]
 
-    async def mark_republished(self, records: list[RequestRecord], at: float) -> None:
+    async def mark_republished(self, records: list[RequestRecord], at: float, *, epoch: str | None = None) -> None:
         """An operator's command put these claimed jobs' records back on the log (the broker acknowledged):
         they are published and at least queued; the payload and deadline become the re-published record's
-        (a new deadline is the only change ``payload_hash`` allows), and the re-publish is counted."""
+        (a new deadline is the only change ``payload_hash`` allows), and the re-publish is counted; a
+        re-drive (``epoch``) records the broker epoch it published into."""
         with _translated():
             await self._pool.execute(
                 """
@@ -334,12 +337,26 @@ class RequestLedger:
                        status = CASE WHEN q.status_rank < $4 THEN $5 ELSE q.status END,
                        status_rank = GREATEST(q.status_rank, $4),
                        payload = t.payload, deadline_at = t.deadline,
-                       replays = q.replays + 1, replayed_at = $6, updated_at = now()
+                       replays = q.replays + 1, replayed_at = $6, updated_at = now(),
+                       redriven_epoch = COALESCE($7, q.redriven_epoch)
                   FROM unnest($1::text[], $2::jsonb[], $3::float8[]) AS t(k, payload, deadline)
                  WHERE q.request_id = t.k
                 """,
                 [key_of(r) for r in records], [r.model_dump_json(exclude_none=True) for r in records],
-                [r.deadline_at for r in records], Status.QUEUED.rank, Status.QUEUED.value, at)
+                [r.deadline_at for r in records], Status.QUEUED.rank, Status.QUEUED.value, at, epoch)
+
+    async def record_epoch(self, epoch: str, bootstrap: str, layout: dict[str, int], written_at: float) -> None:
+        """The ledger's row of a broker epoch (``inferlog topics``); recording it again changes nothing."""
+        with _translated():
+            await self._pool.execute(
+                "INSERT INTO broker_epochs (epoch, bootstrap, layout, written_at) VALUES ($1, $2, $3::jsonb, $4) "
+                "ON CONFLICT (epoch) DO NOTHING", epoch, bootstrap, json.dumps(layout), written_at)
+
+    async def latest_epoch(self) -> str | None:
+        """The epoch recorded last (None before any)."""
+        with _translated():
+            return await self._pool.fetchval(  # type: ignore[no-any-return]
+                "SELECT epoch FROM broker_epochs ORDER BY recorded_at DESC, written_at DESC LIMIT 1")
 
     async def request_cancel(self, request_id: str, at: float) -> JobView | None:
         """Set the durable cancel flag (first request wins); the job as it stands, or None if unknown."""

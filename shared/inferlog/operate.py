@@ -1,4 +1,5 @@
-"""The operators' commands: ``inferlog replay`` (this module wires them; inferlog.recovery does the work).
+"""The operators' commands: ``inferlog topics``, ``replay`` and ``redrive`` (this module wires them;
+inferlog.epoch and inferlog.recovery do the work).
 
 Each command connects to what it needs and says in one line on stderr, with a non-zero exit, when it
 cannot (an unreachable broker or database, a bad argument): it changes nothing then. A progress bar goes
@@ -24,12 +25,21 @@ from rich.table import Column, Table
 
 from inferlog.config import InferlogSettings
 from inferlog.db import connect_pool
+from inferlog.epoch import Prepared, inspect_broker, prepare_broker
 from inferlog.errors import ConfigError, InferlogError
 from inferlog.kafka import make_producer
 from inferlog.ledger import RequestLedger
 from inferlog.messages import Status
 from inferlog.publishing import Submitter
-from inferlog.recovery import OPEN_STATUSES, ReplayFilter, ReplayReport, parse_time, replay
+from inferlog.recovery import (
+    OPEN_STATUSES,
+    ReplayFilter,
+    ReplayReport,
+    check_extension,
+    parse_time,
+    redrive,
+    replay,
+)
 from inferlog.topics import Topics, ensure_topics
 
 PRODUCE_TIMEOUT_S = 30.0
@@ -37,6 +47,23 @@ PRODUCE_TIMEOUT_S = 30.0
 
 def add_commands(sub: Any) -> None:
     """Add the operators' sub-commands to ``inferlog``'s parser."""
+    cmd = sub.add_parser("topics", help="create the topics and the broker's epoch marker; check partition counts",
+                         description="Create missing topics, check every partition count, and start a broker "
+                         "epoch (a marker on the meta topic, recorded in the ledger) when a topic was created or "
+                         "no marker is there. The services wait for it after the broker lost its log.")
+    cmd.add_argument("--repair", action="store_true",
+                     help="delete and re-create topics whose partition count is wrong (their records are lost; "
+                     "`inferlog redrive` brings the open jobs back)")
+    cmd.set_defaults(operate="topics")
+    cmd = sub.add_parser("redrive", help="after the broker lost its log: every open job back on it, from the ledger",
+                         description="Re-publish every accepted job without a terminal result from its ledger "
+                         "payload into the broker's current epoch (run `inferlog topics` first). Jobs re-driven "
+                         "into this epoch before are skipped; nothing is generated twice.")
+    cmd.add_argument("--extend-deadline", type=float, default=None, metavar="S",
+                     help="give jobs whose deadline passed a new one, S seconds from now (else they end expired)")
+    cmd.add_argument("--dry-run", action="store_true", help="count what would be re-driven; change nothing")
+    cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    cmd.set_defaults(operate="redrive")
     cmd = sub.add_parser("replay", help="re-publish the open jobs claimed in a time window (after an outage)",
                          description="Re-publish the jobs claimed in [--since, --until] that have no terminal "
                          "result, from the ledger's payloads (cross-checked against the requests topic). A job "
@@ -164,4 +191,53 @@ def _print_replay(report: ReplayReport) -> None:
     console.print(f"requests topic: {report.log_records} records in the window; earliest seen {earliest}")
 
 
-_COMMANDS = {"replay": _replay}
+async def _topics(args: argparse.Namespace, settings: InferlogSettings) -> int:
+    topics = Topics.from_settings(settings)
+    prepared = await prepare_broker(settings.kafka_bootstrap, topics, repair=args.repair)
+    await record_epoch(settings, prepared)
+    for name, count in topics.layout().items():
+        done = " (created)" if name in prepared.created else " (re-created)" if name in prepared.repaired else ""
+        print(f"{name}: {count} partitions{done}")
+    marker = prepared.marker
+    print(f"broker epoch {marker.epoch}" + (" (new: the broker's log starts here; `inferlog redrive` brings "
+                                            "back the open jobs of an earlier one)" if prepared.new_epoch else ""))
+    return 0
+
+
+async def record_epoch(settings: InferlogSettings, prepared: Prepared) -> None:
+    """The ledger's row of the broker's epoch."""
+    pool = await connect_pool(settings.postgres_url, settings.postgres_schema, max_size=1)
+    try:
+        marker = prepared.marker
+        await RequestLedger(pool).record_epoch(marker.epoch, settings.kafka_bootstrap, marker.layout,
+                                               marker.written_at)
+    finally:
+        await pool.close()
+
+
+async def _redrive(args: argparse.Namespace, settings: InferlogSettings) -> int:
+    check_extension(args.extend_deadline)
+    async with _connected(settings) as c:
+        state = await inspect_broker(settings.kafka_bootstrap, c.topics)
+        if not state.sound or state.epoch is None:
+            raise ConfigError(f"the broker is not ready for a re-drive ({'; '.join(state.problems)}): "
+                              "run `inferlog topics` first")
+        with _Bar() as bar:
+            report = await redrive(c.ledger, c.submitter, state.epoch, extend_deadline_s=args.extend_deadline,
+                                   dry_run=args.dry_run, progress=bar)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    console = Console(markup=False, emoji=False)
+    for key in report.missing_payload:
+        console.print(f"missing payload (open, nothing to re-drive from): {key}")
+    summary = Table("jobs", "count", title="redrive" + (" (dry run: nothing changed)" if report.dry_run else ""),
+                    title_justify="left")
+    for label, count in report.counts().items():
+        summary.add_row(label, str(count))
+    console.print(summary)
+    console.print(f"into broker epoch {report.epoch}")
+    return 0
+
+
+_COMMANDS = {"replay": _replay, "redrive": _redrive, "topics": _topics}

@@ -59,7 +59,7 @@ class Submitter:
         """Each record under its job key (the records themselves carry the client's ID and tenant)."""
         await publish_all(self._producer, [(self._topics.requests, key_of(r), r) for r in records])
 
-    async def republish(self, records: list[RequestRecord], *, chunk: int = 500) -> int:
+    async def republish(self, records: list[RequestRecord], *, chunk: int = 500, epoch: str | None = None) -> int:
         """Put already-claimed jobs back on the log (an operator's replay or re-drive): produce each chunk,
         then mark it published in the ledger. Raises on the first chunk the broker or the ledger refuses;
         the chunks before it are done (a re-run re-publishes the rest, and a job on the log twice is one
@@ -71,7 +71,7 @@ class Submitter:
             part = [r if r.timings.queued_at is not None else r.model_copy(
                 update={"timings": r.timings.merged(queued_at=at)}) for r in part]
             await asyncio.wait_for(self.publish(part), self._timeout_s + len(part) * 0.01)
-            await self._ledger.mark_republished(part, at)
+            await self._ledger.mark_republished(part, at, epoch=epoch)
             done += len(part)
         return done
 

@@ -65,6 +65,11 @@ def parse_time(text: str) -> float:
     return at
 
 
+def check_extension(seconds: float | None) -> None:
+    if seconds is not None and not 0 < seconds <= MAX_EXTENSION_S:
+        raise ConfigError("--extend-deadline must be a positive number of seconds, at most 7 days")
+
+
 @dataclass(frozen=True)
 class ReplayFilter:
     since: float | None = None
@@ -77,8 +82,7 @@ class ReplayFilter:
     def __post_init__(self) -> None:
         if self.since is not None and self.until is not None and self.since > self.until:
             raise ConfigError(f"--since ({_iso(self.since)}) is after --until ({_iso(self.until)})")
-        if self.extend_deadline_s is not None and not 0 < self.extend_deadline_s <= MAX_EXTENSION_S:
-            raise ConfigError("--extend-deadline must be a positive number of seconds, at most 7 days")
+        check_extension(self.extend_deadline_s)
         closed = [s.value for s in self.statuses if s.is_terminal()]
         if closed:
             raise ConfigError(f"--status {closed[0]} is terminal: a job with a result is never re-published")
@@ -244,10 +248,82 @@ def _record_of(entry: LedgerEntry | None, logged: RequestRecord | None) -> Reque
 
 
 def _deadline_for(record: RequestRecord, selected: ReplayFilter, at: float, report: ReplayReport) -> RequestRecord:
+    record, change = _with_deadline(record, selected.extend_deadline_s, at)
+    if change is not None:
+        (report.deadline_extended if change == "extended" else report.deadline_passed).append(key_of(record))
+    return record
+
+
+def _with_deadline(record: RequestRecord, extend_s: float | None, at: float) -> tuple[RequestRecord, str | None]:
+    """The record to re-publish and what happened to its deadline: None (none, or still ahead), "passed"
+    (kept: the job ends expired) or "extended" (a new one, ``extend_s`` from ``at``)."""
     if record.deadline_at is None or record.deadline_at > at:
-        return record
-    if selected.extend_deadline_s is None:
-        report.deadline_passed.append(key_of(record))
-        return record
-    report.deadline_extended.append(key_of(record))
-    return record.model_copy(update={"deadline_at": at + selected.extend_deadline_s})
+        return record, None
+    if extend_s is None:
+        return record, "passed"
+    return record.model_copy(update={"deadline_at": at + extend_s}), "extended"
+
+
+@dataclass
+class RedriveReport:
+    """What a re-drive found and did, each list of job keys."""
+
+    epoch: str
+    dry_run: bool
+    redriven: list[str] = field(default_factory=list)
+    """Re-published into ``epoch`` (or, in a dry run, to be): every open job with a payload."""
+    deadline_passed: list[str] = field(default_factory=list)
+    """Among ``redriven``: their deadline had passed; without --extend-deadline they end ``expired``."""
+    deadline_extended: list[str] = field(default_factory=list)
+    already_redriven: list[str] = field(default_factory=list)
+    """Open, and already re-driven into this epoch by an earlier run: not published again."""
+    missing_payload: list[str] = field(default_factory=list)
+    """Open, with no readable payload (a first-sight row of an ID never claimed): listed, never guessed."""
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "re-driven" if not self.dry_run else "to re-drive": len(self.redriven),
+            "  of them past their deadline (end expired)": len(self.deadline_passed),
+            "  of them given a new deadline": len(self.deadline_extended),
+            "already re-driven into this epoch": len(self.already_redriven),
+            "missing payload (not re-drivable)": len(self.missing_payload),
+        }
+
+    def to_json(self) -> dict[str, object]:
+        return {"epoch": self.epoch, "dry_run": self.dry_run, "redriven": self.redriven,
+                "deadline_passed": self.deadline_passed, "deadline_extended": self.deadline_extended,
+                "already_redriven": self.already_redriven, "missing_payload": self.missing_payload}
+
+
+async def redrive(ledger: RequestLedger, submitter: Submitter, epoch: str, *, extend_deadline_s: float | None = None,
+                  dry_run: bool = False, progress: Progress | None = None) -> RedriveReport:
+    """Put every accepted job without a terminal result back on the log of broker epoch ``epoch``, from its
+    ledger payload (after the broker lost its log: there is nothing to cross-check against). A job re-driven
+    into this epoch before is skipped, so a second run publishes nothing new; nothing here generates or
+    changes a result (the workers' terminal checks and leases make a job already done cost nothing)."""
+    check_extension(extend_deadline_s)
+    tell = progress or (lambda _phase, _n, _total: None)
+    report = RedriveReport(epoch, dry_run)
+    entries = await ledger.entries(open_only=True)
+    at = now()
+    to_publish: list[RequestRecord] = []
+    for entry in entries:
+        record = _record_of(entry, None)
+        if entry.redriven_epoch == epoch:
+            report.already_redriven.append(entry.request_id)
+        elif record is None:
+            report.missing_payload.append(entry.request_id)
+        else:
+            record, change = _with_deadline(record, extend_deadline_s, at)
+            if change is not None:
+                (report.deadline_extended if change == "extended" else report.deadline_passed).append(key_of(record))
+            to_publish.append(record)
+            report.redriven.append(entry.request_id)
+        tell("planning", 1, len(entries))
+    if dry_run:
+        return report
+    for start in range(0, len(to_publish), 500):
+        part = to_publish[start:start + 500]
+        await submitter.republish(part, epoch=epoch)
+        tell("re-driving", len(part), len(to_publish))
+    return report

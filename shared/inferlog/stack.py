@@ -31,10 +31,12 @@ from inferlog import broker
 from inferlog.config import EMBEDDED, InferlogSettings
 from inferlog.db import migrate
 from inferlog.embedded import EmbeddedPostgres, EmbeddedRedis
+from inferlog.epoch import prepare_broker
 from inferlog.errors import ConfigError, StoreUnavailable
 from inferlog.hot import Keys
 from inferlog.models import ModelRegistry, prepare
-from inferlog.topics import Topics, ensure_topics, group_is_consuming
+from inferlog.operate import record_epoch
+from inferlog.topics import Topics, group_is_consuming
 
 log = logging.getLogger("inferlog.up")
 
@@ -91,7 +93,7 @@ class Stack:
             if not model.is_prepared:
                 print(f"preparing model {model.name} (once; cached in {model.directory})", flush=True)
             prepare(model)
-        asyncio.run(ensure_topics(s.kafka_bootstrap, Topics.from_settings(s)))
+        asyncio.run(self._prepare_broker())
         self._spawn("result-store")
         self._spawn("gpu-worker")
         self._wait_until(self._worker_ready, "gpu-worker", timeout=300)
@@ -100,6 +102,11 @@ class Stack:
         self._wait_until(lambda: self._group_ready("tokenizer"), "tokenizer", timeout=60)
         self._spawn("gateway")
         self._wait_until(self._gateway_ready, "gateway", timeout=60)
+
+    async def _prepare_broker(self) -> None:
+        """The topics and the broker's epoch marker (``inferlog topics``), recorded in the ledger."""
+        prepared = await prepare_broker(self.settings.kafka_bootstrap, Topics.from_settings(self.settings))
+        await record_epoch(self.settings, prepared)
 
     def _resolve_stores(self) -> None:
         """Use the configured stores; with none configured, the local ones if they answer, else embedded

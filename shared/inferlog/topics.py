@@ -1,7 +1,8 @@
 """Topic names and their creation.
 
 Topics are created explicitly with their partition counts and checked at start-up: the broker here
-(Tansu) creates an unknown topic on a metadata request, so a typo would otherwise silently make a new one.
+(Tansu) creates an unknown topic on a metadata request that allows it (inferlog.kafka's never do), so a typo
+would otherwise silently make a new one.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class Topics:
     def dlq(self) -> str:
         return f"{self.prefix}.dlq.v1"
 
+    @property
+    def meta(self) -> str:
+        """The broker's epoch markers (inferlog.epoch): one record each time a log is started."""
+        return f"{self.prefix}.meta.v1"
+
     def group(self, service: str) -> str:
         """A service's consumer group, under the same prefix, so deployments sharing a broker never mix."""
         return f"{self.prefix}.{service}"
@@ -67,12 +73,15 @@ class Topics:
             self.events: self.partitions,
             self.results: self.partitions,
             self.dlq: 1,
+            self.meta: 1,
         }
 
 
 async def group_is_consuming(bootstrap: str, group: str) -> bool:
     """Whether ``group`` has settled (Stable) with at least one member: its consumers are fetching."""
     from aiokafka.admin import AIOKafkaAdminClient  # here, so topic names alone import no client
+
+    import inferlog.kafka  # noqa: F401 - its import turns topic auto-creation off
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
     await admin.start()
@@ -92,6 +101,8 @@ async def ensure_topics(bootstrap: str, topics: Topics, *, create: bool = True) 
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+    import inferlog.kafka  # noqa: F401 - its import turns topic auto-creation off
+
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     await admin.start()
     try:
@@ -99,7 +110,7 @@ async def ensure_topics(bootstrap: str, topics: Topics, *, create: bool = True) 
         existing = set(await admin.list_topics())
         missing = [name for name in wanted if name not in existing]
         if missing and not create:
-            raise ConfigError(f"topics missing on {bootstrap}: {missing}; run `inferlog topics create`")
+            raise ConfigError(f"topics missing on {bootstrap}: {missing}; run `inferlog topics`")
         if missing:
             log.info("creating topics %s", missing)
             response = await admin.create_topics([NewTopic(name, wanted[name], 1) for name in missing])

@@ -32,11 +32,12 @@ from redis.asyncio import Redis
 from inferlog import broker
 from inferlog.config import InferlogSettings
 from inferlog.db import migrate
+from inferlog.epoch import prepare_broker
 from inferlog.hot import Keys
 from inferlog.kafka import make_consumer
 from inferlog.logscan import read_all
 from inferlog.messages import EventRecord, ResultRecord, Status
-from inferlog.topics import Topics, ensure_topics, group_is_consuming
+from inferlog.topics import Topics, group_is_consuming
 from tests.conftest import connect_to_schema, free_port, settings_env
 
 TERMINAL = {s.value for s in Status if s.is_terminal()}
@@ -74,7 +75,15 @@ class Cluster:
         host, port = broker.parse_bootstrap(self.settings.kafka_bootstrap)
         self.broker_proc = broker.start_tansu(host, port, log_file=self.workdir / "broker.log")
         await migrate(self.settings.postgres_url, self.settings.postgres_schema)
-        await ensure_topics(self.settings.kafka_bootstrap, self.topics)
+        await prepare_broker(self.settings.kafka_bootstrap, self.topics)
+
+    def restart_broker(self) -> None:
+        """Kill the broker and start it again on the same port: empty (Tansu keeps its log in memory)."""
+        assert self.broker_proc is not None
+        self.broker_proc.kill()
+        self.broker_proc.wait(timeout=10)
+        host, port = broker.parse_bootstrap(self.settings.kafka_bootstrap)
+        self.broker_proc = broker.start_tansu(host, port, log_file=self.workdir / "broker.log")
 
     def spawn(self, name: str, service: str, **env: str) -> Proc:
         previous = self.procs.get(name)

@@ -17,10 +17,11 @@ import pytest
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from inferlog.epoch import prepare_broker
 from inferlog.kafka import encode, make_consumer, make_producer
 from inferlog.messages import GenerationParams, ResultRecord, Timings, TokenizedRecord
 from inferlog.testing import build_tiny_llama
-from inferlog.topics import Topics, ensure_topics
+from inferlog.topics import Topics
 from inferlog_worker.main import build_runner, build_worker
 from inferlog_worker.settings import WorkerSettings
 from tests.conftest import TINY, eventually, make_settings
@@ -88,7 +89,7 @@ async def test_long_generation_keeps_the_group_and_a_blocked_loop_does_not(
     long_dir = build_tiny_llama(tmp_path / "tiny-long", smol_dir, context=1024)
     common = make_settings(run_id, bootstrap, long_dir, suffix="loop")
     topics = Topics.from_settings(common)
-    await ensure_topics(bootstrap, topics)
+    await prepare_broker(bootstrap, topics)
     side_topic = f"{common.topic_prefix}.observer"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()

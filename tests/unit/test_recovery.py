@@ -201,3 +201,46 @@ def test_times_out_of_range_are_refused(text: str) -> None:
 def test_unbounded_deadline_extensions_are_refused(seconds: float) -> None:
     with pytest.raises(ConfigError, match="at most 7 days"):
         ReplayFilter(extend_deadline_s=seconds)
+
+
+class EpochLedger(FakeLedger):
+    def __init__(self, entries: list[LedgerEntry]) -> None:
+        super().__init__(entries)
+
+    async def entries(self, *, open_only: bool = False, **_: Any) -> list[LedgerEntry]:  # type: ignore[override]
+        return [e for e in self._entries.values() if not (open_only and e.terminal)]
+
+
+class EpochSubmitter(FakeSubmitter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[str | None] = []
+
+    async def republish(self, records: list[RequestRecord], *, epoch: str | None = None, **_: Any) -> int:
+        self.epochs.append(epoch)
+        return await super().republish(records)
+
+
+async def test_redrive_publishes_every_open_job_into_the_epoch_once() -> None:
+    from dataclasses import replace
+
+    open_, late, first_sight = record("open"), record("late", deadline_at=now() - 5), record("fs")
+    again = record("again")
+    ledger = EpochLedger([entry(open_), entry(late, Status.TOKENIZED), entry(record("done"), Status.COMPLETED),
+                          entry(first_sight, Status.RECEIVED, payload=False),
+                          replace(entry(again), redriven_epoch="e1")])
+    submitter = EpochSubmitter()
+    report = await recovery.redrive(ledger, submitter, "e1")  # type: ignore[arg-type]
+    assert sorted(report.redriven) == ["late", "open"] and report.deadline_passed == ["late"]
+    assert report.already_redriven == ["again"], "re-driven into this epoch before: not published again"
+    assert report.missing_payload == ["fs"], "a first-sight row is listed, never guessed"
+    assert sorted(key_of(r) for r in submitter.published) == ["late", "open"] and submitter.epochs == ["e1"]
+
+    submitter = EpochSubmitter()
+    report = await recovery.redrive(ledger, submitter, "e2", extend_deadline_s=60)  # type: ignore[arg-type]
+    assert sorted(report.redriven) == ["again", "late", "open"] and report.deadline_extended == ["late"]
+    assert {key_of(r): (r.deadline_at or 0) > now() for r in submitter.published}["late"]
+
+    dry = EpochSubmitter()
+    report = await recovery.redrive(ledger, dry, "e3", dry_run=True)  # type: ignore[arg-type]
+    assert len(report.redriven) == 3 and dry.published == []

@@ -10,13 +10,14 @@ import threading
 from redis.asyncio import Redis
 
 from inferlog.db import connect_pool
+from inferlog.epoch import BrokerGuard
 from inferlog.errors import ConfigError
 from inferlog.hot import CancelFlags, DeltaStream, Keys, Leases
 from inferlog.kafka import make_consumer, make_producer
 from inferlog.ledger import RequestLedger
 from inferlog.models import ModelRegistry
 from inferlog.runtime import stop_on_signals
-from inferlog.topics import Topics, ensure_topics
+from inferlog.topics import Topics
 from inferlog_worker.admission import Capacity, KvAdmission
 from inferlog_worker.consumer import TierConsumer
 from inferlog_worker.dispatch import GpuWorker, SideChannels
@@ -86,7 +87,9 @@ def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | N
 
 async def serve(settings: WorkerSettings) -> str | None:
     common = settings.common
-    await ensure_topics(common.kafka_bootstrap, Topics.from_settings(common), create=False)
+    guard = BrokerGuard(common.kafka_bootstrap, Topics.from_settings(common),
+                        interval_s=common.broker_check_interval_s)
+    epoch = await guard.wait_until_sound()
     runner = build_runner(settings)
     runner.on_failure = _arm_hard_exit
     check_kv_capacity(settings, runner.model.context_length())
@@ -99,9 +102,11 @@ async def serve(settings: WorkerSettings) -> str | None:
     await worker.start()
     log.info("worker %s ready", settings.worker_id)
     cancels = asyncio.create_task(listen_for_cancels(redis, Keys(common.redis_prefix).cancels, worker.cancel))
+    watch = asyncio.create_task(guard.watch(epoch))
     try:
         await worker.run(stop)
     finally:
+        watch.cancel()
         cancels.cancel()
         await worker.close()
         await redis.aclose()

@@ -8,11 +8,12 @@ from redis.asyncio import Redis
 
 from inferlog.consume import run_in_order
 from inferlog.db import connect_pool
+from inferlog.epoch import BrokerGuard
 from inferlog.hot import Keys, Leases, StatusCache
 from inferlog.kafka import make_consumer, make_producer
 from inferlog.ledger import RequestLedger
 from inferlog.runtime import stop_on_signals
-from inferlog.topics import Topics, ensure_topics
+from inferlog.topics import Topics
 from inferlog_store.handlers import StoreHandler
 from inferlog_store.settings import StoreSettings
 from inferlog_store.sink import ResultSink
@@ -21,7 +22,8 @@ from inferlog_store.sink import ResultSink
 async def serve(settings: StoreSettings) -> None:
     common = settings.common
     topics = Topics.from_settings(common)
-    await ensure_topics(common.kafka_bootstrap, topics, create=False)
+    guard = BrokerGuard(common.kafka_bootstrap, topics, interval_s=common.broker_check_interval_s)
+    epoch = await guard.wait_until_sound()
     pool = await connect_pool(common.postgres_url, common.postgres_schema)
     producer = make_producer(common.kafka_bootstrap)
     consumer = make_consumer(common.kafka_bootstrap, settings.group_id or topics.group("result-store"))
@@ -34,9 +36,11 @@ async def serve(settings: StoreSettings) -> None:
     hot = StatusCache(redis, keys)
     leases = Leases(redis, keys, holder="result-store", ttl_ms=1)  # only ever forgets recorded leases
     handler = StoreHandler(ResultSink(pool), producer, topics, RequestLedger(pool), hot, leases)
+    watch = asyncio.create_task(guard.watch(epoch))
     try:
         await run_in_order(consumer, handler, stop, max_records=settings.max_batch)
     finally:
+        watch.cancel()
         await consumer.stop()
         await producer.stop()
         await pool.close()
