@@ -147,7 +147,5 @@ async def test_rebalance_while_work_waits_in_preflight(make_cluster: MakeCluster
     report = await check(cluster.settings, accepted)
     assert report.lost == [] and report.conflicting == [], describe(report)
     assert report.regenerated == [] and report.generations == report.accepted, describe(report)
-    assert report.statuses == {"completed": 72}, describe(report)
-    elapsed = time.monotonic() - started
-    print(f"72 requests finished {elapsed:.0f} s after the first submit")
-    assert elapsed <= FAULT_BUDGET_S
+    assert report.statuses == {"completed": 200}, describe(report)
+    assert time.monotonic() - started <= FAULT_BUDGET_S
