@@ -71,6 +71,23 @@ def request_hash(sent: dict[str, Any], tenant: str | None) -> str:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def redrive_id(client_id: str, n: int) -> str:
+    """The client ID of the ``n``-th re-drive of ``client_id``'s dead letters: ``<id>.redrive-<n>``, with a
+    digest in place of the ID's tail when that would be over the client-ID limit (128)."""
+    suffix = f".redrive-{n}"
+    if len(client_id) + len(suffix) <= 128:
+        return client_id + suffix
+    digest = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{client_id[:128 - len(suffix) - 13]}~{digest}{suffix}"
+
+
+def _with_tenant_of(key: str, client_id: str) -> str:
+    """The job key of ``client_id`` in the tenant of job key ``key`` (its part before the first ``/``)."""
+    if "/" not in key:
+        return client_id
+    return f"{key.partition('/')[0]}/{client_id}"
+
+
 def key_of(record: RequestRecord) -> str:
     """The job key of a request record (its tenant and the client's ID)."""
     return job_key(record.tenant, record.request_id)
@@ -118,6 +135,10 @@ class JobView:
     error: dict[str, Any] | None
     timings: dict[str, float]
     tenant: str | None
+    redrive_of: str | None = None
+    """The job key of the job whose dead letter this one was re-driven from (``inferlog dlq redrive``)."""
+    redriven_as: tuple[str, ...] = ()
+    """The job keys this job's dead letters were re-driven as, oldest first."""
 
     @property
     def client_id(self) -> str:
@@ -132,7 +153,8 @@ class JobView:
     @classmethod
     def from_hot(cls, hot: dict[str, Any]) -> JobView:
         fields: dict[str, Any] = {f.name: hot.get(f.name) for f in dataclasses.fields(cls)}
-        fields.update(status=Status(hot["status"]), timings=hot.get("timings") or {})
+        fields.update(status=Status(hot["status"]), timings=hot.get("timings") or {},
+                      redriven_as=tuple(hot.get("redriven_as") or ()))
         return cls(**fields)
 
 
@@ -345,6 +367,50 @@ class RequestLedger:
                 [key_of(r) for r in records], [r.model_dump_json(exclude_none=True) for r in records],
                 [r.deadline_at for r in records], Status.QUEUED.rank, Status.QUEUED.value, at, epoch)
 
+    async def reserve_redrive(self, dead_letter: str, original_key: str, position: str, at: float) -> tuple[str, bool]:
+        """The job key dead letter ``dead_letter`` (its identity) is re-driven as, and whether this call
+        reserved it (False: an earlier re-drive did). A new key is the original's client ID with
+        ``.redrive-<n>``, the first ``n`` no job and no other re-drive holds; reserved before the new job is
+        claimed, so a re-drive that stops between the two resumes with the same key."""
+        client_id = client_id_of(original_key)
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dlq-redrive:' || $1))", original_key)
+                existing = await conn.fetchval(
+                    "SELECT redriven_key FROM dead_letter_redrives WHERE dead_letter = $1", dead_letter)
+                if existing is not None:
+                    return existing, False
+                n = int(await conn.fetchval(
+                    "SELECT count(*) FROM dead_letter_redrives WHERE original_key = $1", original_key))
+                while True:
+                    n += 1
+                    key = _with_tenant_of(original_key, redrive_id(client_id, n))
+                    taken = await conn.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM requests WHERE request_id = $1) OR "
+                        "EXISTS (SELECT 1 FROM dead_letter_redrives WHERE redriven_key = $1)", key)
+                    if not taken:
+                        break
+                await conn.execute(
+                    "INSERT INTO dead_letter_redrives (dead_letter, original_key, redriven_key, dlq_position, at) "
+                    "VALUES ($1, $2, $3, $4, $5)", dead_letter, original_key, key, position, at)
+        return key, True
+
+    async def redrives(self, dead_letters: list[str]) -> dict[str, str]:
+        """For each of these dead letters (identities) already re-driven: the job key it became."""
+        with _translated():
+            rows = await self._pool.fetch(
+                "SELECT dead_letter, redriven_key FROM dead_letter_redrives WHERE dead_letter = ANY($1::text[])",
+                dead_letters)
+        return {row["dead_letter"]: row["redriven_key"] for row in rows}
+
+    async def redrive_origins(self, keys: list[str]) -> dict[str, str]:
+        """For each of these job keys that is a re-drive of a dead letter: its original's key."""
+        with _translated():
+            rows = await self._pool.fetch(
+                "SELECT redriven_key, original_key FROM dead_letter_redrives WHERE redriven_key = ANY($1::text[])",
+                keys)
+        return {row["redriven_key"]: row["original_key"] for row in rows}
+
     async def record_epoch(self, epoch: str, bootstrap: str, layout: dict[str, int], written_at: float) -> None:
         """The ledger's row of a broker epoch (``inferlog topics``); recording it again changes nothing."""
         with _translated():
@@ -409,7 +475,11 @@ class RequestLedger:
                        COALESCE(r.model, q.model) AS model, r.model_version, r.text, r.text_escaped,
                        r.finish_reason,
                        r.prompt_tokens, r.completion_tokens, r.error, q.tenant,
-                       q.timings || COALESCE(r.timings, '{}'::jsonb) AS timings
+                       q.timings || COALESCE(r.timings, '{}'::jsonb) AS timings,
+                       (SELECT d.original_key FROM dead_letter_redrives d
+                         WHERE d.redriven_key = q.request_id) AS redrive_of,
+                       ARRAY(SELECT d.redriven_key FROM dead_letter_redrives d
+                              WHERE d.original_key = q.request_id ORDER BY d.at, d.redriven_key) AS redriven_as
                   FROM requests q LEFT JOIN results r USING (request_id)
                  WHERE q.request_id = ANY($1::text[])
                 """,
@@ -428,6 +498,8 @@ class RequestLedger:
                 error=json.loads(row["error"]) if row["error"] else None,
                 timings=json.loads(row["timings"]),
                 tenant=row["tenant"],
+                redrive_of=row["redrive_of"],
+                redriven_as=tuple(row["redriven_as"]),
             )
             for row in rows
         ]

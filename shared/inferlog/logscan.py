@@ -69,3 +69,31 @@ async def read_all(bootstrap: str, topic: str, **options: object) -> list[Logged
     async for batch in scan(bootstrap, topic, **options):  # type: ignore[arg-type]
         out += batch
     return out
+
+
+async def read_at(bootstrap: str, topic: str, partition: int, offset: int, *,
+                  timeout_s: float = 15.0) -> LoggedRecord | None:
+    """The record at ``offset`` of ``topic``'s ``partition``, or None when the log no longer holds it
+    (the partition is missing, starts after it or ends before it). Raises TimeoutError if the broker
+    answers no fetch within ``timeout_s``."""
+    consumer = make_consumer(bootstrap, None)
+    await consumer.start()
+    try:
+        if partition not in (consumer.partitions_for_topic(topic) or set()) or offset < 0:
+            return None
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fetched = await consumer.getmany(tp, timeout_ms=200, max_records=1)
+            for r in fetched.get(tp, []):
+                return LoggedRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value) \
+                    if r.offset == offset else None  # past it: the offset is gone (compacted or truncated)
+            high = consumer.highwater(tp)
+            if high is not None and high <= offset:
+                return None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}[{partition}]@{offset}: nothing fetched for {timeout_s:.0f}s")
+    finally:
+        await consumer.stop()

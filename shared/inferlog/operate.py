@@ -1,5 +1,5 @@
-"""The operators' commands: ``inferlog topics``, ``replay`` and ``redrive`` (this module wires them;
-inferlog.epoch and inferlog.recovery do the work).
+"""The operators' commands: ``inferlog topics``, ``replay``, ``redrive`` and ``dlq`` (this module wires
+them; inferlog.epoch, inferlog.recovery and inferlog.deadletters do the work).
 
 Each command connects to what it needs and says in one line on stderr, with a non-zero exit, when it
 cannot (an unreachable broker or database, a bad argument): it changes nothing then. A progress bar goes
@@ -19,14 +19,32 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Column, Table
 
 from inferlog.config import InferlogSettings
 from inferlog.db import connect_pool
+from inferlog.deadletters import (
+    FAILED_AGAIN,
+    NOT_REDRIVABLE,
+    REDRIVEN,
+    VALUE_PREVIEW_CHARS,
+    Dlq,
+    LetterFilter,
+    Verdict,
+    assess,
+    iso,
+    parse_position,
+    preview,
+    read_dlq,
+    redrive_letters,
+)
 from inferlog.epoch import Prepared, inspect_broker, prepare_broker
 from inferlog.errors import ConfigError, InferlogError
+from inferlog.hot import Keys, StatusCache
 from inferlog.kafka import make_producer
 from inferlog.ledger import RequestLedger
 from inferlog.messages import Status
@@ -64,6 +82,7 @@ def add_commands(sub: Any) -> None:
     cmd.add_argument("--dry-run", action="store_true", help="count what would be re-driven; change nothing")
     cmd.add_argument("--json", action="store_true", help="print the report as JSON")
     cmd.set_defaults(operate="redrive")
+    _add_dlq(sub)
     cmd = sub.add_parser("replay", help="re-publish the open jobs claimed in a time window (after an outage)",
                          description="Re-publish the jobs claimed in [--since, --until] that have no terminal "
                          "result, from the ledger's payloads (cross-checked against the requests topic). A job "
@@ -78,6 +97,33 @@ def add_commands(sub: Any) -> None:
     cmd.add_argument("--dry-run", action="store_true", help="list what would be re-published; change nothing")
     cmd.add_argument("--json", action="store_true", help="print the report as JSON")
     cmd.set_defaults(operate="replay")
+
+
+def _add_dlq(sub: Any) -> None:
+    dlq = sub.add_parser("dlq", help="the dead-letter queue: list, show and re-drive dead letters",
+                         description="Dead letters are records a stage set aside because they could never "
+                         "succeed. Once the cause is fixed, `dlq redrive` runs each again as a new job "
+                         "(<id>.redrive-<n>, linked both ways): a job's first terminal result is never changed.")
+    actions = dlq.add_subparsers(dest="dlq_action", required=True, metavar="{list,show,redrive}")
+
+    def filters(cmd: Any) -> None:
+        cmd.add_argument("--stage", choices=STAGES, default=None, help="only dead letters of this stage")
+        cmd.add_argument("--reason", default=None, help="only those whose error contains this (any case)")
+        cmd.add_argument("--since", type=_time, default=None, help="only those dead-lettered since (ISO-8601 or Unix s)")
+        cmd.add_argument("--json", action="store_true", help="print JSON")
+
+    cmd = actions.add_parser("list", help="every dead letter: where it came from, why, and what a re-drive would do")
+    filters(cmd)
+    cmd = actions.add_parser("show", help="one dead letter in full")
+    cmd.add_argument("position", help="its place on the DLQ, <partition>:<offset> as `dlq list` prints it")
+    cmd.add_argument("--json", action="store_true", help="print JSON")
+    cmd = actions.add_parser("redrive", help="run the matching dead letters again, each as a new job")
+    filters(cmd)
+    cmd.add_argument("positions", nargs="*", help="only these (<partition>:<offset>); default: every match")
+    cmd.add_argument("--extend-deadline", type=float, default=None, metavar="S",
+                     help="give a re-driven job whose original deadline passed a new one, S seconds from now")
+    cmd.add_argument("--dry-run", action="store_true", help="say what would be re-driven; change nothing")
+    dlq.set_defaults(operate="dlq")
 
 
 def _time(text: str) -> float:
@@ -240,4 +286,134 @@ async def _redrive(args: argparse.Namespace, settings: InferlogSettings) -> int:
     return 0
 
 
-_COMMANDS = {"replay": _replay, "redrive": _redrive, "topics": _topics}
+STAGES = ("tokenizer", "gpu-worker", "result-store")
+
+
+async def _dlq(args: argparse.Namespace, settings: InferlogSettings) -> int:
+    if args.dlq_action == "redrive":
+        check_extension(args.extend_deadline)
+    wanted = {parse_position(p) for p in getattr(args, "positions", None) or ()}
+    shown = parse_position(args.position) if args.dlq_action == "show" else None
+    async with _connected(settings) as c:
+        with _Bar() as bar:
+            dlq = await read_dlq(settings.kafka_bootstrap, c.topics.dlq, progress=bar)
+            if shown is not None:
+                letter = dlq.find(*shown)
+                if letter is None:
+                    raise ConfigError(f"no dead letter at {args.position} (the DLQ holds {dlq.records} records)")
+                letters = [letter]
+            else:
+                chosen = LetterFilter(args.stage, args.reason, args.since)
+                letters = [lt for lt in dlq.letters if chosen.matches(lt)
+                           and (not wanted or (lt.partition, lt.offset) in wanted)]
+                missing = wanted - {(lt.partition, lt.offset) for lt in letters}
+                if missing:
+                    raise ConfigError("no dead letter matching the filters at " +
+                                      ", ".join(f"{p}:{o}" for p, o in sorted(missing)))
+            verdicts = await assess(c.ledger, settings.kafka_bootstrap, c.topics, letters)
+            if args.dlq_action == "show":
+                return await _show_letter(args, c.ledger, verdicts[0])
+            if args.dlq_action == "list":
+                _print_letters(args, dlq, verdicts)
+                return 0
+            report = await redrive_letters(c.ledger, c.submitter, verdicts, extend_deadline_s=args.extend_deadline,
+                                           dry_run=args.dry_run, progress=bar)
+        if not args.dry_run:
+            await _refresh_hot(settings, c.ledger, sorted({o for _p, o, _n in report.redriven}))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    console = Console(markup=False, emoji=False)
+    if report.redriven:
+        listing = Table("dead letter", Column("job", overflow="fold"), Column("re-driven as", overflow="fold"),
+                        title="would re-drive" if report.dry_run else "re-driven", title_justify="left")
+        for position, original, new in report.redriven:
+            listing.add_row(position, original, new)
+        console.print(listing)
+    for position, why in report.not_redrivable:
+        console.print(f"not re-drivable: {position}: {why}")
+    for position, original in report.failed_again:
+        console.print(f"failed again: {position} is a dead letter of a re-drive of {original}; not re-driven "
+                      "again (submit the job anew once its cause is fixed)")
+    summary = Table("dead letters", "count", title="dlq redrive" + (" (dry run: nothing changed)" if report.dry_run
+                                                                    else ""), title_justify="left")
+    for label, count in report.counts().items():
+        summary.add_row(label, str(count))
+    console.print(summary)
+    return 0
+
+
+def _print_letters(args: argparse.Namespace, dlq: Dlq, verdicts: list[Verdict]) -> None:
+    if args.json:
+        print(json.dumps({"records": dlq.records, "unreadable": dlq.unreadable,
+                          "dead_letters": [{**v.to_json(), "value": preview(v.letter.dead.value, 200)}
+                                           for v in verdicts]}, indent=2))
+        return
+    console = Console(markup=False, emoji=False)
+    table = Table("dead letter", "at", "stage", Column("job", overflow="fold"), Column("reason", overflow="fold"),
+                  Column("source", overflow="fold"), Column("value", overflow="fold"),
+                  Column("re-drive", overflow="fold"), title=f"{len(verdicts)} dead letters", title_justify="left")
+    for v in verdicts:
+        dead = v.letter.dead
+        table.add_row(v.letter.position + (f" (x{v.letter.copies})" if v.letter.copies > 1 else ""), iso(dead.at),
+                      dead.stage, dead.request_id or "-", preview(dead.error, 120),
+                      f"{dead.topic}[{dead.partition}]@{dead.offset}", preview(dead.value, 40), _state(v))
+    console.print(table)
+    for position in dlq.unreadable:
+        console.print(f"unreadable DLQ record at {position} (not a dead letter)")
+
+
+def _state(v: Verdict) -> str:
+    if v.state == REDRIVEN:
+        return f"re-driven as {v.detail}"
+    if v.state == FAILED_AGAIN:
+        return f"failed again (a re-drive of {v.detail})"
+    if v.state == NOT_REDRIVABLE:
+        return f"not re-drivable: {v.detail}"
+    return "re-drivable"
+
+
+async def _show_letter(args: argparse.Namespace, ledger: RequestLedger, v: Verdict) -> int:
+    dead = v.letter.dead
+    key = v.original_key
+    job = await ledger.get(key) if key else None
+    linked = {"redrive_of": job.redrive_of, "redriven_as": list(job.redriven_as)} if job else {}
+    if args.json:
+        print(json.dumps({**v.to_json(), "value": dead.value, "job": key,
+                          "job_status": job.status.value if job else None, **linked}, indent=2))
+        return 0
+    console = Console(markup=False, emoji=False, soft_wrap=True)
+    rows = [("dead letter", f"{v.letter.position}" + (f" ({v.letter.copies} copies)" if v.letter.copies > 1 else "")),
+            ("at", iso(dead.at)), ("stage", dead.stage), ("error", dead.error),
+            ("source", f"{dead.topic}[{dead.partition}]@{dead.offset}"), ("job", key or "-"),
+            ("job status", job.status.value if job else "no ledger row"),
+            ("value", f"{dead.value_bytes} bytes, sha256 {dead.value_sha256}" + (", truncated" if dead.truncated
+                                                                                 else "")),
+            ("re-drive", _state(v))]
+    if job and job.redriven_as:
+        rows.append(("job re-driven as", ", ".join(job.redriven_as)))
+    if job and job.redrive_of:
+        rows.append(("job is a re-drive of", job.redrive_of))
+    for label, value in rows:
+        console.print(f"{label + ':':<22}{value}")
+    console.print(f"{'value (start):':<22}{preview(dead.value, VALUE_PREVIEW_CHARS)}")
+    return 0
+
+
+async def _refresh_hot(settings: InferlogSettings, ledger: RequestLedger, keys: list[str]) -> None:
+    """The re-driven originals' hot views (a poll answers a terminal one from Redis): with their link now.
+    Best effort: a failure is said; the views expire in time, and Postgres answers polls without Redis."""
+    if not keys:
+        return
+    views = [v for v in await ledger.get_many(keys) if v.status.is_terminal()]
+    redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        await StatusCache(redis, Keys(settings.redis_prefix)).put_many([v.to_hot() for v in views])
+    except (RedisError, OSError) as exc:
+        print(f"inferlog dlq: the originals' cached status was not refreshed (Redis: {exc}); their polls show "
+              "the link once it expires", file=sys.stderr)
+    finally:
+        await redis.aclose()
+
+
+_COMMANDS = {"replay": _replay, "redrive": _redrive, "topics": _topics, "dlq": _dlq}

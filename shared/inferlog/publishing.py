@@ -55,6 +55,18 @@ class Submitter:
                         "it; at worst the relay produces a second copy of the same job", record.request_id, exc)
         return Claim(claim.request_id, created=True, status=Status.QUEUED)
 
+    async def submit_now(self, record: RequestRecord) -> Claim:
+        """Claim the job and publish it, raising when the broker refuses (an operator's command, which no
+        outbox relay may be behind): a claim an earlier try left unpublished is published now."""
+        claim = await self._ledger.claim(record)
+        if claim.status is not Status.RECEIVED:
+            return claim  # on the log already (published, or further along)
+        queued_at = now()
+        queued = record.model_copy(update={"timings": record.timings.merged(queued_at=queued_at)})
+        await asyncio.wait_for(self.publish([queued]), self._timeout_s)
+        await self._ledger.mark_published(claim.request_id, queued_at)
+        return Claim(claim.request_id, created=claim.created, status=Status.QUEUED)
+
     async def publish(self, records: list[RequestRecord]) -> None:
         """Each record under its job key (the records themselves carry the client's ID and tenant)."""
         await publish_all(self._producer, [(self._topics.requests, key_of(r), r) for r in records])

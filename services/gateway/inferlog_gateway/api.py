@@ -75,3 +75,7 @@ class JobStatus(BaseModel):
     result: JobResult | None
     error: dict[str, Any] | None
     timings: dict[str, float]
+    redrive_of: str | None = None
+    """This job re-runs a dead letter of job ``redrive_of`` (``inferlog dlq redrive``)."""
+    redriven_as: list[str] = []
+    """This job's dead letters were re-run as these jobs, oldest first."""

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
-from inferlog.identity import job_key
+from inferlog.identity import client_id_of, job_key
 from inferlog.ledger import Claim, JobView, RequestLedger
 from inferlog.messages import MAX_REQUEST_ID_LEN, Status
 from inferlog.publishing import OutboxRelay, Submitter
@@ -195,7 +195,9 @@ def job_status(job: JobView) -> JobStatus:
             usage={"prompt_tokens": job.prompt_tokens or 0, "completion_tokens": job.completion_tokens or 0},
         )
     return JobStatus(id=job.client_id, status=job.status.value, model=job.model, model_version=job.model_version,
-                     result=result, error=job.error, timings=job.timings)
+                     result=result, error=job.error, timings=job.timings,
+                     redrive_of=client_id_of(job.redrive_of) if job.redrive_of else None,
+                     redriven_as=[client_id_of(k) for k in job.redriven_as])
 
 
 @router.get("/healthz")

@@ -1,0 +1,311 @@
+"""The dead-letter queue as operators work it: ``inferlog dlq list|show|redrive``.
+
+A dead letter is a record a stage set aside because it could never succeed (DESIGN.md: poison-proof
+consumers): unreadable, refused, or in the engine each time it failed. Once its cause is fixed (a bad
+deploy rolled back, a model added, a client's ID collision understood) an operator re-drives it. The job
+it stood for usually has a terminal result already (its ``failed`` stand-in), and the first terminal result
+wins for good, so a re-drive never reopens that job: it makes a new one, whose client ID is derived from the
+original's (``<id>.redrive-<n>``), in the same tenant, linked both ways in the ledger (each poll shows the
+link). The record to re-drive is:
+
+- for a record of the requests topic, the dead letter's own copy of it, or, when that copy was cut short
+  (``truncated``), the source record read back from its offset (checked against the stored SHA-256) while
+  the log still holds it;
+- for any later stage (tokenized, results, events), the job's payload in the ledger (what was accepted).
+
+What cannot be re-driven is listed with why, never guessed: a record that still does not read as a request,
+a truncated one whose source is gone, a job with no stored payload. A re-driven job that fails again is
+dead-lettered once more like any record, and never re-driven automatically again ("failed again"): no loop.
+Dead letters are named by identity (stage, source position, source value's hash), so two copies of one
+are one and re-running a re-drive never makes a second job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+
+from inferlog.errors import ConfigError
+from inferlog.identity import client_id_of
+from inferlog.ledger import RequestLedger, key_of
+from inferlog.logscan import read_all, read_at
+from inferlog.messages import DeadLetter, RequestRecord, Status, Timings, now
+from inferlog.publishing import Submitter
+from inferlog.recovery import Progress, check_extension
+from inferlog.topics import Topics
+
+log = logging.getLogger(__name__)
+
+VALUE_PREVIEW_CHARS = 2_000
+"""How much of a dead letter's value ``dlq show`` prints (``--json`` gives what the dead letter holds)."""
+
+
+def identity_of(dead: DeadLetter) -> str:
+    """A dead letter's name across copies: the stage that refused it, where the refused record was, and its
+    bytes' hash (a stage that retried a batch may have dead-lettered one record twice)."""
+    parts = [dead.stage, dead.topic, str(dead.partition), str(dead.offset),
+             dead.value_sha256 or hashlib.sha256(dead.value.encode("utf-8", "surrogatepass")).hexdigest()]
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def parse_position(text: str) -> tuple[int, int]:
+    """A dead letter's place on the DLQ as operators type it: ``<partition>:<offset>``, or ``<offset>``."""
+    partition, _, offset = text.rpartition(":")
+    try:
+        at = (int(partition) if partition else 0, int(offset))
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a dead letter's position (<partition>:<offset>, as `dlq list` "
+                          "prints it)") from None
+    if at[0] < 0 or at[1] < 0:
+        raise ConfigError(f"{text!r} is not a dead letter's position: both numbers are 0 or more")
+    return at
+
+
+@dataclass(frozen=True)
+class Letter:
+    """One dead letter as read from the DLQ (its first copy)."""
+
+    partition: int
+    offset: int
+    dead: DeadLetter
+    identity: str
+    copies: int = 1
+
+    @property
+    def position(self) -> str:
+        return f"{self.partition}:{self.offset}"
+
+
+@dataclass(frozen=True)
+class LetterFilter:
+    stage: str | None = None
+    reason: str | None = None
+    """A case-insensitive part of the dead letter's error."""
+    since: float | None = None
+    """Dead-lettered at or after (Unix seconds)."""
+
+    def matches(self, letter: Letter) -> bool:
+        dead = letter.dead
+        return ((self.stage is None or dead.stage == self.stage)
+                and (self.reason is None or self.reason.casefold() in dead.error.casefold())
+                and (self.since is None or dead.at >= self.since))
+
+
+@dataclass
+class Dlq:
+    """The DLQ read to its high-water mark: its dead letters (each once, oldest first) and the positions of
+    records on it that do not read as dead letters."""
+
+    letters: list[Letter] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    records: int = 0
+
+    def find(self, partition: int, offset: int) -> Letter | None:
+        """The dead letter at that position (or the one it is a copy of)."""
+        for letter in self.letters:
+            if (letter.partition, letter.offset) == (partition, offset):
+                return letter
+        return None
+
+
+async def read_dlq(bootstrap: str, topic: str, *, progress: Progress | None = None) -> Dlq:
+    tell = progress or (lambda _phase, _n, _total: None)
+    out = Dlq()
+    first: dict[str, int] = {}
+    for logged in await read_all(bootstrap, topic):
+        out.records += 1
+        try:
+            dead = DeadLetter.model_validate_json(logged.value or b"")
+        except (ValidationError, ValueError):
+            out.unreadable.append(f"{logged.partition}:{logged.offset}")
+            continue
+        identity = identity_of(dead)
+        if identity in first:
+            index = first[identity]
+            copy = out.letters[index]
+            out.letters[index] = Letter(copy.partition, copy.offset, copy.dead, identity, copy.copies + 1)
+        else:
+            first[identity] = len(out.letters)
+            out.letters.append(Letter(logged.partition, logged.offset, dead, identity))
+        tell(f"reading {topic}", 1, None)
+    return out
+
+
+REDRIVABLE, REDRIVEN, FAILED_AGAIN, NOT_REDRIVABLE = "re-drivable", "re-driven", "failed again", "not re-drivable"
+
+
+@dataclass
+class Verdict:
+    """What a re-drive would do with one dead letter."""
+
+    letter: Letter
+    state: str
+    """REDRIVABLE, REDRIVEN (as ``detail``), FAILED_AGAIN (a re-drive of ``detail``) or NOT_REDRIVABLE (why)."""
+    detail: str = ""
+    record: RequestRecord | None = None
+    """REDRIVABLE: the original's record, to be re-driven under a derived ID."""
+
+    @property
+    def original_key(self) -> str | None:
+        return key_of(self.record) if self.record is not None else self.letter.dead.request_id
+
+    def to_json(self) -> dict[str, object]:
+        dead = self.letter.dead
+        return {"position": self.letter.position, "identity": self.letter.identity, "copies": self.letter.copies,
+                "at": dead.at, "stage": dead.stage, "error": dead.error, "request_id": dead.request_id,
+                "source": {"topic": dead.topic, "partition": dead.partition, "offset": dead.offset},
+                "value_bytes": dead.value_bytes, "value_sha256": dead.value_sha256, "truncated": dead.truncated,
+                "state": self.state, "detail": self.detail}
+
+
+async def assess(ledger: RequestLedger, bootstrap: str, topics: Topics, letters: list[Letter]) -> list[Verdict]:
+    """Each dead letter's verdict (reads the ledger, and the log for truncated records; changes nothing)."""
+    reserved = await ledger.redrives([letter.identity for letter in letters])
+    # A reservation whose job was never claimed or published (a re-drive that stopped between the two) is
+    # finished by this one, under the same key.
+    on_log = {v.request_id for v in await ledger.get_many(sorted(set(reserved.values())))
+              if v.status is not Status.RECEIVED} if reserved else set()
+    done = {identity: key for identity, key in reserved.items() if key in on_log}
+    keys = sorted({letter.dead.request_id for letter in letters if letter.dead.request_id})
+    origins = await ledger.redrive_origins(keys) if keys else {}
+    later = sorted({lt.dead.request_id for lt in letters if lt.dead.request_id and lt.dead.topic != topics.requests})
+    payloads = {e.request_id: e.payload for e in await ledger.entries(keys=later)} if later else {}
+    verdicts = []
+    for letter in letters:
+        dead = letter.dead
+        if letter.identity in done:
+            verdicts.append(Verdict(letter, REDRIVEN, done[letter.identity]))
+        elif dead.request_id is not None and dead.request_id in origins:
+            verdicts.append(Verdict(letter, FAILED_AGAIN, origins[dead.request_id]))
+        elif dead.topic == topics.requests:
+            verdicts.append(await _from_source(bootstrap, letter))
+        else:
+            verdicts.append(_from_ledger(letter, payloads.get(dead.request_id or "")))
+    return verdicts
+
+
+async def _from_source(bootstrap: str, letter: Letter) -> Verdict:
+    dead = letter.dead
+    raw: bytes | str = dead.value
+    if dead.truncated:
+        source = await read_at(bootstrap, dead.topic, dead.partition, dead.offset)
+        if source is None or source.value is None or hashlib.sha256(source.value).hexdigest() != dead.value_sha256:
+            return Verdict(letter, NOT_REDRIVABLE, "its value was cut short and the source record is no longer "
+                           f"on the log ({dead.topic}[{dead.partition}]@{dead.offset})")
+        raw = source.value
+    try:
+        record = RequestRecord.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "the record"
+        return Verdict(letter, NOT_REDRIVABLE, f"it still does not read as a request: {where}: {first.get('msg')}")
+    except ValueError as exc:
+        return Verdict(letter, NOT_REDRIVABLE, f"it still does not read as a request: {exc}")
+    return Verdict(letter, REDRIVABLE, record=record)
+
+
+def _from_ledger(letter: Letter, payload: str | None) -> Verdict:
+    key = letter.dead.request_id
+    if key is None:
+        return Verdict(letter, NOT_REDRIVABLE, "it names no job, and only a requests-topic record is re-driven "
+                       "from its own value")
+    if payload is None:
+        return Verdict(letter, NOT_REDRIVABLE, f"the ledger holds no payload for job {key}")
+    try:
+        return Verdict(letter, REDRIVABLE, record=RequestRecord.model_validate(json.loads(payload)))
+    except (ValidationError, ValueError):
+        return Verdict(letter, NOT_REDRIVABLE, f"the ledger's payload of job {key} no longer reads as a request")
+
+
+@dataclass
+class DlqRedriveReport:
+    dry_run: bool
+    redriven: list[tuple[str, str, str]] = field(default_factory=list)
+    """(dead letter's position, original job key, new job key) for each re-driven (or, dry, to be: the new
+    key is then only a preview)."""
+    deadline_passed: list[str] = field(default_factory=list)
+    """New job keys whose original deadline had passed: without --extend-deadline they end ``expired``."""
+    already_redriven: list[tuple[str, str]] = field(default_factory=list)
+    failed_again: list[tuple[str, str]] = field(default_factory=list)
+    not_redrivable: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "re-driven as new jobs" if not self.dry_run else "to re-drive": len(self.redriven),
+            "  of them past their deadline (end expired)": len(self.deadline_passed),
+            "already re-driven": len(self.already_redriven),
+            "failed again after a re-drive (not re-driven again)": len(self.failed_again),
+            "not re-drivable": len(self.not_redrivable),
+        }
+
+    def to_json(self) -> dict[str, object]:
+        return {"dry_run": self.dry_run,
+                "redriven": [{"position": p, "original": o, "redriven_as": n} for p, o, n in self.redriven],
+                "deadline_passed": self.deadline_passed,
+                "already_redriven": [{"position": p, "redriven_as": n} for p, n in self.already_redriven],
+                "failed_again": [{"position": p, "redrive_of": o} for p, o in self.failed_again],
+                "not_redrivable": [{"position": p, "why": w} for p, w in self.not_redrivable]}
+
+
+def redriven_record(record: RequestRecord, new_key: str, *, extend_deadline_s: float | None,
+                    at: float) -> tuple[RequestRecord, bool]:
+    """The new job's record: the original's under the derived client ID, with fresh timings; a deadline
+    that passed is kept (the job ends ``expired``: the second value is True) unless one is given."""
+    update: dict[str, object] = {"request_id": client_id_of(new_key), "timings": Timings()}
+    passed = record.deadline_at is not None and record.deadline_at <= at
+    if passed and extend_deadline_s is not None:
+        update["deadline_at"] = at + extend_deadline_s
+        passed = False
+    new = record.model_copy(update=update)
+    assert key_of(new) == new_key, (key_of(new), new_key)  # same tenant: the derived key is the new job's
+    return new, passed
+
+
+async def redrive_letters(ledger: RequestLedger, submitter: Submitter, verdicts: list[Verdict], *,
+                          extend_deadline_s: float | None = None, dry_run: bool = False,
+                          progress: Progress | None = None) -> DlqRedriveReport:
+    """Re-drive each REDRIVABLE dead letter as a new job (see the module's docstring). Each is reserved in
+    the ledger (dead letter to new key), then claimed and published with the gateway's code; a run that
+    stops between the two is finished by the next, under the same key."""
+    check_extension(extend_deadline_s)
+    tell = progress or (lambda _phase, _n, _total: None)
+    report = DlqRedriveReport(dry_run)
+    todo = [v for v in verdicts if v.state == REDRIVABLE]
+    for v in verdicts:
+        if v.state == REDRIVEN:
+            report.already_redriven.append((v.letter.position, v.detail))
+        elif v.state == FAILED_AGAIN:
+            report.failed_again.append((v.letter.position, v.detail))
+        elif v.state == NOT_REDRIVABLE:
+            report.not_redrivable.append((v.letter.position, v.detail))
+    at = now()
+    for v in todo:
+        assert v.record is not None
+        original = key_of(v.record)
+        if dry_run:
+            report.redriven.append((v.letter.position, original, "(new)"))
+            continue
+        new_key, _reserved = await ledger.reserve_redrive(v.letter.identity, original, v.letter.position, at)
+        record, passed = redriven_record(v.record, new_key, extend_deadline_s=extend_deadline_s, at=at)
+        await submitter.submit_now(record)
+        report.redriven.append((v.letter.position, original, new_key))
+        if passed:
+            report.deadline_passed.append(new_key)
+        log.info("dead letter %s re-driven as %s", v.letter.position, new_key)
+        tell("re-driving", 1, len(todo))
+    return report
+
+
+def iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def preview(text: str, limit: int) -> str:
+    """A value as one printable line (control characters escaped), at most ``limit`` characters."""
+    shown = text.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= limit else shown[:limit - 1] + "…"
