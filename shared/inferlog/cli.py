@@ -1,5 +1,5 @@
 """The ``inferlog`` command: ``up``, ``run <service>``, ``prepare``, ``migrate``, ``schemas``, ``bench``,
-and the operators' ``topics``, ``replay`` and ``redrive`` (inferlog.operate)."""
+and the operators' ``topics``, ``replay``, ``redrive``, ``dlq`` and ``rebuild-store`` (inferlog.operate)."""
 
 from __future__ import annotations
 

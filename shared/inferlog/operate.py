@@ -1,5 +1,5 @@
-"""The operators' commands: ``inferlog topics``, ``replay``, ``redrive`` and ``dlq`` (this module wires
-them; inferlog.epoch, inferlog.recovery and inferlog.deadletters do the work).
+"""The operators' commands: ``inferlog topics``, ``replay``, ``redrive``, ``dlq`` and ``rebuild-store``
+(this module wires them; inferlog.epoch, recovery, deadletters and rebuild do the work).
 
 Each command connects to what it needs and says in one line on stderr, with a non-zero exit, when it
 cannot (an unreachable broker or database, a bad argument): it changes nothing then. A progress bar goes
@@ -49,6 +49,7 @@ from inferlog.kafka import make_producer
 from inferlog.ledger import RequestLedger
 from inferlog.messages import Status
 from inferlog.publishing import Submitter
+from inferlog.rebuild import check_schema, rebuild
 from inferlog.recovery import (
     OPEN_STATUSES,
     ReplayFilter,
@@ -83,6 +84,17 @@ def add_commands(sub: Any) -> None:
     cmd.add_argument("--json", action="store_true", help="print the report as JSON")
     cmd.set_defaults(operate="redrive")
     _add_dlq(sub)
+    cmd = sub.add_parser("rebuild-store", help="rebuild the result store from the log into a fresh schema, and "
+                         "compare it with the live one",
+                         description="Replay the requests, events and results topics from their start through the "
+                         "services' own code into a fresh schema, then compare every job with the live schema "
+                         "column by column for what the log carries (status, text, finish reason, usage, model and "
+                         "version, tenant, error, timings). Exit status 0: the live store is the log's view; 3: "
+                         "differences (listed). The earliest record seen says how much log there was.")
+    cmd.add_argument("--into-schema", required=True, metavar="NAME", help="the fresh schema to rebuild into")
+    cmd.add_argument("--replace", action="store_true", help="drop NAME first if it holds tables")
+    cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    cmd.set_defaults(operate="rebuild-store")
     cmd = sub.add_parser("replay", help="re-publish the open jobs claimed in a time window (after an outage)",
                          description="Re-publish the jobs claimed in [--since, --until] that have no terminal "
                          "result, from the ledger's payloads (cross-checked against the requests topic). A job "
@@ -349,16 +361,16 @@ def _print_letters(args: argparse.Namespace, dlq: Dlq, verdicts: list[Verdict]) 
                           "dead_letters": [{**v.to_json(), "value": preview(v.letter.dead.value, 200)}
                                            for v in verdicts]}, indent=2))
         return
-    console = Console(markup=False, emoji=False)
-    table = Table("dead letter", "at", "stage", Column("job", overflow="fold"), Column("reason", overflow="fold"),
-                  Column("source", overflow="fold"), Column("value", overflow="fold"),
-                  Column("re-drive", overflow="fold"), title=f"{len(verdicts)} dead letters", title_justify="left")
+    console = Console(markup=False, emoji=False, soft_wrap=True)  # one dead letter a block, at any width
+    console.print(f"{len(verdicts)} dead letters ({dlq.records} records on the DLQ)")
     for v in verdicts:
         dead = v.letter.dead
-        table.add_row(v.letter.position + (f" (x{v.letter.copies})" if v.letter.copies > 1 else ""), iso(dead.at),
-                      dead.stage, dead.request_id or "-", preview(dead.error, 120),
-                      f"{dead.topic}[{dead.partition}]@{dead.offset}", preview(dead.value, 40), _state(v))
-    console.print(table)
+        copies = f" ({v.letter.copies} copies)" if v.letter.copies > 1 else ""
+        console.print(f"{v.letter.position}{copies}  {iso(dead.at)}  {dead.stage}  job {dead.request_id or '-'}  "
+                      f"[{_state(v)}]")
+        console.print(f"    reason: {preview(dead.error, 160)}")
+        console.print(f"    source: {dead.topic}[{dead.partition}]@{dead.offset}  value: {preview(dead.value, 80)}"
+                      + (f" ({dead.value_bytes} bytes, truncated)" if dead.truncated else ""))
     for position in dlq.unreadable:
         console.print(f"unreadable DLQ record at {position} (not a dead letter)")
 
@@ -416,4 +428,45 @@ async def _refresh_hot(settings: InferlogSettings, ledger: RequestLedger, keys: 
         await redis.aclose()
 
 
-_COMMANDS = {"replay": _replay, "redrive": _redrive, "topics": _topics, "dlq": _dlq}
+REBUILD_DIFFERS_EXIT = 3
+
+
+async def _rebuild_store(args: argparse.Namespace, settings: InferlogSettings) -> int:
+    check_schema(args.into_schema, settings.postgres_schema)
+    topics = Topics.from_settings(settings)
+    await ensure_topics(settings.kafka_bootstrap, topics, create=False)
+    with _Bar() as bar:
+        report = await rebuild(settings.postgres_url, settings.postgres_schema, args.into_schema,
+                               settings.kafka_bootstrap, topics, replace=args.replace, progress=bar)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0 if report.consistent else REBUILD_DIFFERS_EXIT
+    console = Console(markup=False, emoji=False)
+    seen = Table("topic", "records", "unreadable", "earliest record", title="the log", title_justify="left")
+    for name, topic in report.topics.items():
+        seen.add_row(name, str(topic.records), str(topic.unreadable),
+                     "-" if topic.earliest_ms is None else iso(topic.earliest_ms / 1000))
+    console.print(seen)
+    if report.differences:
+        diffs = Table(Column("job", overflow="fold"), "column", Column("live", overflow="fold"),
+                      Column("rebuilt", overflow="fold"), title="differences", title_justify="left")
+        for key, column, live, rebuilt in report.differences:
+            diffs.add_row(key, column, preview(json.dumps(live), 200), preview(json.dumps(rebuilt), 200))
+        console.print(diffs)
+    for key, why in report.rejected:
+        console.print(f"refused by the store (dead-lettered live too): {key}: {why}")
+    summary = Table("jobs", "count", title=f"rebuilt into schema {report.schema}", title_justify="left")
+    for label, count in (("rebuilt from the log", report.rebuilt_jobs), ("identical to the live store", report.identical),
+                         ("with differences", len({k for k, *_ in report.differences})),
+                         ("only in the live store", len(report.only_live)),
+                         ("  of them never published (no log holds them)", report.only_live_unpublished),
+                         ("only in the rebuild", len(report.only_rebuilt))):
+        summary.add_row(label, str(count))
+    console.print(summary)
+    console.print("the live store is the log's view" if report.consistent else
+                  "the live store and the log differ (above); a log that starts late (a lost broker log, "
+                  "retention) explains jobs only in the live store")
+    return 0 if report.consistent else REBUILD_DIFFERS_EXIT
+
+
+_COMMANDS = {"replay": _replay, "redrive": _redrive, "topics": _topics, "dlq": _dlq, "rebuild-store": _rebuild_store}

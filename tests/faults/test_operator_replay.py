@@ -16,7 +16,7 @@ import pytest
 
 from inferlog.config import InferlogSettings
 from inferlog.kafka import make_consumer
-from tests.conftest import connect_to_schema, eventually, free_port, settings_env
+from tests.conftest import connect_to_schema, drop_schema, eventually, free_port, settings_env
 from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
 from tests.faults.harness import Client, check, describe, read_topic, wait_all_terminal
 
@@ -152,3 +152,11 @@ async def test_replay_republishes_exactly_the_unfinished_jobs(make_cluster: Make
         assert "Traceback" not in bad.stderr
     assert {k: r["replays"] for k, r in (await ledger_rows(settings, everything)).items()} == replays
     assert await stored_results(settings) == before
+
+    # After the outage and the replays, the store is still the log's view: rebuilt from it, it agrees.
+    schema = f"{settings.postgres_schema}_rebuilt"
+    try:
+        rebuilt = inferlog(settings, "rebuild-store", "--into-schema", schema, "--json")
+        assert rebuilt.returncode == 0, (rebuilt.stdout[-3000:], rebuilt.stderr)
+    finally:
+        await drop_schema(schema)
