@@ -63,6 +63,7 @@ class BrokerState:
     """The current marker's epoch; None when the broker holds none."""
     problems: tuple[str, ...]
     """What keeps the broker from being the one the layout describes (empty: sound)."""
+    marker: EpochMarker | None = None
 
     @property
     def sound(self) -> bool:
@@ -81,7 +82,9 @@ async def inspect_broker(bootstrap: str, topics: Topics) -> BrokerState:
         present = [name for name in wanted if name in existing]
         for topic in await admin.describe_topics(present) if present else []:
             name, count = topic["topic"], len(topic["partitions"])
-            if topic["error_code"] != 0 or count != wanted[name]:
+            if topic["error_code"] != 0:  # the broker could not say: unreadable, never "0 partitions"
+                raise KafkaError(f"describing {name} failed with error {topic['error_code']}")
+            if count != wanted[name]:
                 problems.append(f"topic {name} has {count} partitions, not {wanted[name]}")
     finally:
         await admin.close()
@@ -94,7 +97,7 @@ async def inspect_broker(bootstrap: str, topics: Topics) -> BrokerState:
         else:
             if marker is None:
                 problems.append(f"no epoch marker on {topics.meta}")
-    return BrokerState(marker.epoch if marker else None, tuple(problems))
+    return BrokerState(marker.epoch if marker else None, tuple(problems), marker)
 
 
 async def read_marker(bootstrap: str, topics: Topics) -> EpochMarker | None:
@@ -131,6 +134,9 @@ async def prepare_broker(bootstrap: str, topics: Topics, *, repair: bool = False
         created = tuple(name for name in wanted if name not in existing)
         present = [name for name in wanted if name in existing]
         described = await admin.describe_topics(present) if present else []
+        unread = [t["topic"] for t in described if t["error_code"] != 0]
+        if unread:  # a count it could not read is never a wrong one to repair
+            raise ConfigError(f"the broker could not describe {', '.join(unread)}: nothing changed; try again")
         wrong = {t["topic"]: len(t["partitions"]) for t in described if len(t["partitions"]) != wanted[t["topic"]]}
         if wrong and not repair:  # refused before anything is created
             raise ConfigError("wrong partition counts: " + ", ".join(
@@ -209,9 +215,22 @@ class BrokerGuard:
                 said_at = time.monotonic()
             await asyncio.sleep(self._interval_s)
 
+    def start_watching(self, epoch: str) -> asyncio.Task[None]:
+        """``watch`` as a task (the service cancels it on the way out). A watch that fails for any reason but
+        cancellation is a service running unguarded: that exits too."""
+        task = asyncio.create_task(self.watch(epoch), name="broker-guard")
+
+        def ended(done: asyncio.Task[None]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                self._on_change(f"the broker check failed: {done.exception()!r}")
+
+        task.add_done_callback(ended)
+        return task
+
     async def watch(self, epoch: str) -> None:
-        """While the service runs (a task it cancels on the way out): two checks in a row that find another
-        broker call ``on_change`` (by default: exit with status 4 at once)."""
+        """While the service runs: a check that reads another epoch's marker calls ``on_change`` at once (by
+        default: exit with status 4); a missing or re-sized topic, or no marker, does after two checks in a
+        row (a topic being re-created is briefly missing)."""
         strikes = 0
         while True:
             await asyncio.sleep(self._interval_s)
@@ -224,7 +243,7 @@ class BrokerGuard:
                 strikes = 0
                 continue
             strikes += 1
-            if strikes >= 2:
+            if strikes >= 2 or (state.epoch is not None and state.epoch != epoch):
                 found = "; ".join(state.problems) or f"its epoch is {state.epoch}"
                 self._on_change(f"the broker no longer holds epoch {epoch} ({found})")
                 return

@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from inferlog.db import TRANSIENT_ERRORS, GuardedPool
-from inferlog.errors import IdempotencyConflict, StoreUnavailable
+from inferlog.errors import ConfigError, IdempotencyConflict, StoreUnavailable
 from inferlog.identity import client_id_of, job_key
 from inferlog.messages import TERMINAL_RANK, DispatchFacts, RequestRecord, Status, now
 
@@ -410,6 +410,19 @@ class RequestLedger:
                 "SELECT redriven_key, original_key FROM dead_letter_redrives WHERE redriven_key = ANY($1::text[])",
                 keys)
         return {row["redriven_key"]: row["original_key"] for row in rows}
+
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """Held by one operator's command at a time across every machine (a Postgres advisory lock on a
+        connection kept for the duration); ConfigError if another holds it."""
+        with _translated():
+            async with self._pool.acquire() as conn:
+                if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", f"inferlog:{name}"):
+                    raise ConfigError(f"another `inferlog {name}` is running against this ledger; wait for it")
+                try:
+                    yield
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", f"inferlog:{name}")
 
     async def record_epoch(self, epoch: str, bootstrap: str, layout: dict[str, int], written_at: float) -> None:
         """The ledger's row of a broker epoch (``inferlog topics``); recording it again changes nothing."""

@@ -18,11 +18,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Column, Table
 
 from inferlog.config import InferlogSettings
@@ -42,16 +44,18 @@ from inferlog.deadletters import (
     read_dlq,
     redrive_letters,
 )
-from inferlog.epoch import Prepared, inspect_broker, prepare_broker
+from inferlog.epoch import EpochMarker, Prepared, inspect_broker, prepare_broker
 from inferlog.errors import ConfigError, InferlogError
-from inferlog.hot import Keys, StatusCache
+from inferlog.hot import Keys, Leases, StatusCache
 from inferlog.kafka import make_producer
 from inferlog.ledger import RequestLedger
-from inferlog.messages import Status
+from inferlog.messages import Status, now
 from inferlog.publishing import Submitter
 from inferlog.rebuild import check_schema, rebuild
 from inferlog.recovery import (
     OPEN_STATUSES,
+    Progress,
+    RedriveReport,
     ReplayFilter,
     ReplayReport,
     check_extension,
@@ -155,6 +159,8 @@ def run_command(args: argparse.Namespace, settings: InferlogSettings) -> int:
         return _fail(args, str(exc))
     except (KafkaError, OSError, TimeoutError) as exc:
         return _fail(args, f"the broker at {settings.kafka_bootstrap} did not answer: {str(exc) or type(exc).__name__}")
+    except asyncpg.PostgresError as exc:  # one that is not an outage (a deadlock, a missing table)
+        return _fail(args, f"Postgres refused: {str(exc) or type(exc).__name__}")
 
 
 def _fail(args: argparse.Namespace, message: str) -> int:
@@ -195,7 +201,7 @@ class _Bar:
 
     def __init__(self) -> None:
         console = Console(stderr=True)
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self._progress = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   console=console, transient=True, disable=not console.is_terminal)
         self._tasks: dict[str, TaskID] = {}
 
@@ -251,6 +257,12 @@ def _print_replay(report: ReplayReport) -> None:
 
 async def _topics(args: argparse.Namespace, settings: InferlogSettings) -> int:
     topics = Topics.from_settings(settings)
+    pool = await connect_pool(settings.postgres_url, settings.postgres_schema, max_size=1)
+    try:  # checked before the broker is touched: a marker the ledger cannot record would be half an epoch
+        if await pool.fetchval("SELECT to_regclass('broker_epochs')") is None:
+            raise ConfigError(f"schema {settings.postgres_schema} holds no ledger: run `inferlog migrate`")
+    finally:
+        await pool.close()
     prepared = await prepare_broker(settings.kafka_bootstrap, topics, repair=args.repair)
     await record_epoch(settings, prepared)
     for name, count in topics.layout().items():
@@ -277,12 +289,18 @@ async def _redrive(args: argparse.Namespace, settings: InferlogSettings) -> int:
     check_extension(args.extend_deadline)
     async with _connected(settings) as c:
         state = await inspect_broker(settings.kafka_bootstrap, c.topics)
-        if not state.sound or state.epoch is None:
+        if not state.sound or state.marker is None:
             raise ConfigError(f"the broker is not ready for a re-drive ({'; '.join(state.problems)}): "
                               "run `inferlog topics` first")
+        # A service still on the old log could commit an old offset past records re-driven before it exits:
+        # give every guard its two checks first.
+        wait_s = state.marker.written_at + 2 * settings.broker_check_interval_s + 2 - now()
+        if wait_s > 0 and not args.dry_run:
+            print(f"waiting {wait_s:.0f}s for the services to notice the new broker epoch", file=sys.stderr)
+            await asyncio.sleep(wait_s)
         with _Bar() as bar:
-            report = await redrive(c.ledger, c.submitter, state.epoch, extend_deadline_s=args.extend_deadline,
-                                   dry_run=args.dry_run, progress=bar)
+            report = await redrive_into(settings, c, state.marker, extend_deadline_s=args.extend_deadline,
+                                        dry_run=args.dry_run, progress=bar)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
@@ -296,6 +314,27 @@ async def _redrive(args: argparse.Namespace, settings: InferlogSettings) -> int:
     console.print(summary)
     console.print(f"into broker epoch {report.epoch}")
     return 0
+
+
+async def redrive_into(settings: InferlogSettings, c: _Connections, marker: EpochMarker, *,
+                       extend_deadline_s: float | None = None, dry_run: bool = False,
+                       progress: Progress | None = None) -> RedriveReport:
+    """``redrive`` into the marker's epoch, one run at a time; then the re-driven jobs' done leases go (a
+    result they vouch for was on the lost log: a watcher would wait out their hour-long TTL)."""
+    async with c.ledger.exclusive("redrive"):
+        report = await redrive(c.ledger, c.submitter, marker.epoch, marker.written_at,
+                               extend_deadline_s=extend_deadline_s, dry_run=dry_run, progress=progress)
+    if not dry_run and report.redriven:
+        redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            await Leases(redis, Keys(settings.redis_prefix), holder="operator", ttl_ms=1).forget_recorded(
+                report.redriven)
+        except (RedisError, OSError) as exc:
+            print(f"inferlog redrive: done leases not cleared (Redis: {exc}); a job whose result was on the lost "
+                  "log waits for its lease to expire (an hour)", file=sys.stderr)
+        finally:
+            await redis.aclose()
+    return report
 
 
 STAGES = ("tokenizer", "gpu-worker", "result-store")

@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaError
 from inferlog.errors import StoreUnavailable
 from inferlog.kafka import publish_all
 from inferlog.ledger import Claim, RequestLedger, key_of
-from inferlog.messages import RequestRecord, Status, now
+from inferlog.messages import RequestRecord, ResultRecord, Status, now
 from inferlog.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,11 @@ class Submitter:
         await asyncio.wait_for(self.publish([queued]), self._timeout_s)
         await self._ledger.mark_published(claim.request_id, queued_at)
         return Claim(claim.request_id, created=claim.created, status=Status.QUEUED)
+
+    async def publish_results(self, results: list[ResultRecord]) -> None:
+        """Terminal results an operator's command decided (a job nothing is left to run from)."""
+        await asyncio.wait_for(publish_all(self._producer, [(self._topics.results, r.request_id, r) for r in results]),
+                               self._timeout_s + len(results) * 0.01)
 
     async def publish(self, records: list[RequestRecord]) -> None:
         """Each record under its job key (the records themselves carry the client's ID and tenant)."""

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from inferlog.errors import ConfigError, IdempotencyConflict
 from inferlog.ledger import LedgerEntry, RequestLedger, key_of
 from inferlog.logscan import scan
-from inferlog.messages import RequestRecord, Status, now
+from inferlog.messages import RequestRecord, Status, ended, now
 from inferlog.publishing import Submitter
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,11 @@ class RedriveReport:
     already_redriven: list[str] = field(default_factory=list)
     """Open, and already re-driven into this epoch by an earlier run: not published again."""
     missing_payload: list[str] = field(default_factory=list)
-    """Open, with no readable payload (a first-sight row of an ID never claimed): listed, never guessed."""
+    """Open, with no payload to re-drive from (a first-sight row of an ID never claimed, or one that no
+    longer reads as a request): never guessed; a re-drive ends each ``failed`` (``payload_lost``), since no
+    record of it is left anywhere to run."""
+    this_epoch: int = 0
+    """Open jobs claimed since the epoch began: on its log already (or in the outbox), not re-driven."""
 
     def counts(self) -> dict[str, int]:
         return {
@@ -286,21 +290,27 @@ class RedriveReport:
             "  of them past their deadline (end expired)": len(self.deadline_passed),
             "  of them given a new deadline": len(self.deadline_extended),
             "already re-driven into this epoch": len(self.already_redriven),
-            "missing payload (not re-drivable)": len(self.missing_payload),
+            ("missing payload (to end failed)" if self.dry_run else "missing payload (ended failed)"):
+                len(self.missing_payload),
+            "claimed in this epoch (on its log: left alone)": self.this_epoch,
         }
 
     def to_json(self) -> dict[str, object]:
         return {"epoch": self.epoch, "dry_run": self.dry_run, "redriven": self.redriven,
                 "deadline_passed": self.deadline_passed, "deadline_extended": self.deadline_extended,
-                "already_redriven": self.already_redriven, "missing_payload": self.missing_payload}
+                "already_redriven": self.already_redriven, "missing_payload": self.missing_payload,
+                "this_epoch": self.this_epoch}
 
 
-async def redrive(ledger: RequestLedger, submitter: Submitter, epoch: str, *, extend_deadline_s: float | None = None,
-                  dry_run: bool = False, progress: Progress | None = None) -> RedriveReport:
-    """Put every accepted job without a terminal result back on the log of broker epoch ``epoch``, from its
-    ledger payload (after the broker lost its log: there is nothing to cross-check against). A job re-driven
-    into this epoch before is skipped, so a second run publishes nothing new; nothing here generates or
-    changes a result (the workers' terminal checks and leases make a job already done cost nothing)."""
+async def redrive(ledger: RequestLedger, submitter: Submitter, epoch: str, epoch_started_at: float, *,
+                  extend_deadline_s: float | None = None, dry_run: bool = False,
+                  progress: Progress | None = None) -> RedriveReport:
+    """Put every job accepted before broker epoch ``epoch`` began (``epoch_started_at``: its marker's time)
+    and without a terminal result back on that epoch's log, from its ledger payload (the broker lost its
+    log: there is nothing to cross-check against). A job re-driven into this epoch before is skipped, so a
+    second run publishes nothing new; a job claimed since the epoch began is on its log already. One with
+    no payload ends ``failed``. Nothing here generates or changes a result (the workers' terminal checks
+    and leases make a job already done cost nothing)."""
     check_extension(extend_deadline_s)
     tell = progress or (lambda _phase, _n, _total: None)
     report = RedriveReport(epoch, dry_run)
@@ -309,7 +319,9 @@ async def redrive(ledger: RequestLedger, submitter: Submitter, epoch: str, *, ex
     to_publish: list[RequestRecord] = []
     for entry in entries:
         record = _record_of(entry, None)
-        if entry.redriven_epoch == epoch:
+        if entry.created_at >= epoch_started_at:
+            report.this_epoch += 1
+        elif entry.redriven_epoch == epoch:
             report.already_redriven.append(entry.request_id)
         elif record is None:
             report.missing_payload.append(entry.request_id)
@@ -326,4 +338,9 @@ async def redrive(ledger: RequestLedger, submitter: Submitter, epoch: str, *, ex
         part = to_publish[start:start + 500]
         await submitter.republish(part, epoch=epoch)
         tell("re-driving", len(part), len(to_publish))
+    if report.missing_payload:
+        await submitter.publish_results([ended(
+            key, Status.FAILED, code="payload_lost", error_type="server_error",
+            message=f"The request's record was lost with an earlier broker log (before epoch {epoch}) and the "
+                    "ledger holds no payload to run it from; submit it again.") for key in report.missing_payload])
     return report

@@ -56,3 +56,28 @@ async def test_start_waits_until_the_broker_is_sound(monkeypatch: pytest.MonkeyP
                            BrokerState("e7", ())])
     guard = BrokerGuard("b:9092", Topics("p", 4), interval_s=0.001, on_change=lambda _r: None)
     assert await asyncio.wait_for(guard.wait_until_sound(), 1) == "e7"
+
+
+async def test_one_check_that_reads_another_epoch_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A readable marker of another epoch is never a blip: a service on the old log must stop before it
+    # commits an old offset past records re-driven into the new one.
+    changes = await watched([SOUND, BrokerState("e2", ()), SOUND, SOUND], monkeypatch)
+    assert len(changes) == 1 and "its epoch is e2" in changes[0]
+
+
+async def test_a_watch_that_fails_ends_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted(monkeypatch, [ValueError("a bug in the check")])
+    changes: list[str] = []
+    guard = BrokerGuard("b:9092", Topics("p", 4), interval_s=0.001, on_change=changes.append)
+    task = guard.start_watching("e1")
+    with pytest.raises(ValueError):
+        await task
+    await asyncio.sleep(0)
+    assert len(changes) == 1 and "the broker check failed" in changes[0]
+    cancelled = BrokerGuard("b:9092", Topics("p", 4), interval_s=10, on_change=changes.append).start_watching("e1")
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await asyncio.sleep(0)
+    assert len(changes) == 1, "a watch cancelled on the way out is not a failure"

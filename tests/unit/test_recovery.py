@@ -220,27 +220,32 @@ class EpochSubmitter(FakeSubmitter):
         self.epochs.append(epoch)
         return await super().republish(records)
 
+    async def publish_results(self, results: list[Any]) -> None:
+        self.ended = [(r.request_id, r.status, r.error.code) for r in results]
+
 
 async def test_redrive_publishes_every_open_job_into_the_epoch_once() -> None:
     from dataclasses import replace
 
     open_, late, first_sight = record("open"), record("late", deadline_at=now() - 5), record("fs")
-    again = record("again")
+    again, newer = record("again"), record("newer")
     ledger = EpochLedger([entry(open_), entry(late, Status.TOKENIZED), entry(record("done"), Status.COMPLETED),
                           entry(first_sight, Status.RECEIVED, payload=False),
-                          replace(entry(again), redriven_epoch="e1")])
+                          replace(entry(again), redriven_epoch="e1"), entry(newer, created_at=200.0)])
     submitter = EpochSubmitter()
-    report = await recovery.redrive(ledger, submitter, "e1")  # type: ignore[arg-type]
+    report = await recovery.redrive(ledger, submitter, "e1", 150.0)  # type: ignore[arg-type]
     assert sorted(report.redriven) == ["late", "open"] and report.deadline_passed == ["late"]
     assert report.already_redriven == ["again"], "re-driven into this epoch before: not published again"
+    assert report.this_epoch == 1, "claimed since the epoch began: on its log, left alone"
     assert report.missing_payload == ["fs"], "a first-sight row is listed, never guessed"
+    assert submitter.ended == [("fs", Status.FAILED, "payload_lost")], "and ended, never left open"
     assert sorted(key_of(r) for r in submitter.published) == ["late", "open"] and submitter.epochs == ["e1"]
 
     submitter = EpochSubmitter()
-    report = await recovery.redrive(ledger, submitter, "e2", extend_deadline_s=60)  # type: ignore[arg-type]
-    assert sorted(report.redriven) == ["again", "late", "open"] and report.deadline_extended == ["late"]
+    report = await recovery.redrive(ledger, submitter, "e2", 250.0, extend_deadline_s=60)  # type: ignore[arg-type]
+    assert sorted(report.redriven) == ["again", "late", "newer", "open"] and report.deadline_extended == ["late"]
     assert {key_of(r): (r.deadline_at or 0) > now() for r in submitter.published}["late"]
 
     dry = EpochSubmitter()
-    report = await recovery.redrive(ledger, dry, "e3", dry_run=True)  # type: ignore[arg-type]
-    assert len(report.redriven) == 3 and dry.published == []
+    report = await recovery.redrive(ledger, dry, "e3", 250.0, dry_run=True)  # type: ignore[arg-type]
+    assert len(report.redriven) == 4 and dry.published == [] and not hasattr(dry, "ended")

@@ -102,7 +102,7 @@ async def serve(settings: WorkerSettings) -> str | None:
     await worker.start()
     log.info("worker %s ready", settings.worker_id)
     cancels = asyncio.create_task(listen_for_cancels(redis, Keys(common.redis_prefix).cancels, worker.cancel))
-    watch = asyncio.create_task(guard.watch(epoch))
+    watch = guard.start_watching(epoch)
     try:
         await worker.run(stop)
     finally:

@@ -36,7 +36,7 @@ async def serve(settings: StoreSettings) -> None:
     hot = StatusCache(redis, keys)
     leases = Leases(redis, keys, holder="result-store", ttl_ms=1)  # only ever forgets recorded leases
     handler = StoreHandler(ResultSink(pool), producer, topics, RequestLedger(pool), hot, leases)
-    watch = asyncio.create_task(guard.watch(epoch))
+    watch = guard.start_watching(epoch)
     try:
         await run_in_order(consumer, handler, stop, max_records=settings.max_batch)
     finally:

@@ -31,7 +31,7 @@ async def serve(settings: TokenizerSettings) -> None:
     stop = stop_on_signals()
     handler = TokenizeHandler(RequestPreparer(ModelRegistry(common), settings.max_max_tokens), producer, topics,
                               RequestLedger(pool))
-    watch = asyncio.create_task(guard.watch(epoch))
+    watch = guard.start_watching(epoch)
     try:
         await run_in_order(consumer, handler, stop, max_records=settings.max_batch)
     finally:
