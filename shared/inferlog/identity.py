@@ -43,6 +43,12 @@ def client_id_of(key: str) -> str:
     return key.partition("/")[2] if "/" in key else key
 
 
+def sibling_key(key: str, client_id: str) -> str:
+    """The key of the job ``client_id`` in the tenant of job key ``key`` (the inverse of ``client_id_of``:
+    the tenant part is kept as it is, a digest included)."""
+    return f"{key.partition('/')[0]}/{client_id}" if "/" in key else client_id
+
+
 def is_client_id(value: str) -> bool:
     """Whether ``value`` may be a client's request ID."""
     return bool(_CLIENT_ID.fullmatch(value))

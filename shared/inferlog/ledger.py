@@ -20,7 +20,7 @@ import asyncpg
 
 from inferlog.db import TRANSIENT_ERRORS, GuardedPool
 from inferlog.errors import ConfigError, IdempotencyConflict, StoreUnavailable
-from inferlog.identity import client_id_of, job_key
+from inferlog.identity import client_id_of, job_key, sibling_key
 from inferlog.messages import TERMINAL_RANK, DispatchFacts, RequestRecord, Status, now
 
 _TRANSIENT = TRANSIENT_ERRORS
@@ -79,13 +79,6 @@ def redrive_id(client_id: str, n: int) -> str:
         return client_id + suffix
     digest = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{client_id[:128 - len(suffix) - 13]}~{digest}{suffix}"
-
-
-def _with_tenant_of(key: str, client_id: str) -> str:
-    """The job key of ``client_id`` in the tenant of job key ``key`` (its part before the first ``/``)."""
-    if "/" not in key:
-        return client_id
-    return f"{key.partition('/')[0]}/{client_id}"
 
 
 def key_of(record: RequestRecord) -> str:
@@ -384,7 +377,7 @@ class RequestLedger:
                     "SELECT count(*) FROM dead_letter_redrives WHERE original_key = $1", original_key))
                 while True:
                     n += 1
-                    key = _with_tenant_of(original_key, redrive_id(client_id, n))
+                    key = sibling_key(original_key, redrive_id(client_id, n))
                     taken = await conn.fetchval(
                         "SELECT EXISTS (SELECT 1 FROM requests WHERE request_id = $1) OR "
                         "EXISTS (SELECT 1 FROM dead_letter_redrives WHERE redriven_key = $1)", key)

@@ -40,10 +40,8 @@ class Submitter:
         claim = await self._ledger.claim(record, sent_hash)
         if not claim.created:
             return claim  # the same job again: nothing new to produce or generate
-        queued_at = now()
-        queued = record.model_copy(update={"timings": record.timings.merged(queued_at=queued_at)})
         try:
-            await asyncio.wait_for(self.publish([queued]), self._timeout_s)
+            queued_at = await self._publish_queued(record)
         except (KafkaError, TimeoutError, OSError) as exc:
             log.warning("produce of %s failed (%r): accepted; the outbox relay will publish it",
                         record.request_id, exc)
@@ -61,11 +59,15 @@ class Submitter:
         claim = await self._ledger.claim(record)
         if claim.status is not Status.RECEIVED:
             return claim  # on the log already (published, or further along)
+        await self._ledger.mark_published(claim.request_id, await self._publish_queued(record))
+        return Claim(claim.request_id, created=claim.created, status=Status.QUEUED)
+
+    async def _publish_queued(self, record: RequestRecord) -> float:
+        """Produce a claimed job's record stamped ``queued_at`` (returned), within the produce timeout."""
         queued_at = now()
         queued = record.model_copy(update={"timings": record.timings.merged(queued_at=queued_at)})
         await asyncio.wait_for(self.publish([queued]), self._timeout_s)
-        await self._ledger.mark_published(claim.request_id, queued_at)
-        return Claim(claim.request_id, created=claim.created, status=Status.QUEUED)
+        return queued_at
 
     async def publish_results(self, results: list[ResultRecord]) -> None:
         """Terminal results an operator's command decided (a job nothing is left to run from)."""

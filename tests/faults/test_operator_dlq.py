@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from inferlog.kafka import make_producer
-from tests.conftest import TINY, connect_to_schema, drop_schema, eventually
+from tests.conftest import TINY, connect_to_schema, eventually
 from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
 from tests.faults.harness import Client, check, describe, read_topic, wait_all_terminal
-from tests.faults.test_operator_replay import inferlog
+from tests.faults.test_operator_replay import assert_store_is_the_logs_view, inferlog
 
 pytestmark = pytest.mark.faults
 
@@ -155,9 +155,4 @@ async def test_dead_letters_listed_shown_and_redriven_once(make_cluster: MakeClu
         assert bad.returncode != 0 and len(lines) == 1 and expected in lines[0], (args, bad.stderr)
 
     # The store is still the log's view after all this (conflicts, refusals, re-drives): rebuilt, it agrees.
-    schema = f"{settings.postgres_schema}_rebuilt"
-    try:
-        rebuilt = inferlog(settings, "rebuild-store", "--into-schema", schema, "--json")
-        assert rebuilt.returncode == 0, (rebuilt.stdout[-3000:], rebuilt.stderr)
-    finally:
-        await drop_schema(schema)
+    await assert_store_is_the_logs_view(settings)

@@ -29,6 +29,16 @@ def inferlog(settings: InferlogSettings, *args: str, **env: str) -> subprocess.C
                           env={**os.environ, **settings_env(settings), **env}, timeout=120, check=False)
 
 
+async def assert_store_is_the_logs_view(settings: InferlogSettings) -> None:
+    """``inferlog rebuild-store`` into a scratch schema finds no difference with the live store."""
+    schema = f"{settings.postgres_schema}_rebuilt"
+    try:
+        rebuilt = inferlog(settings, "rebuild-store", "--into-schema", schema, "--json")
+        assert rebuilt.returncode == 0, (rebuilt.stdout[-3000:], rebuilt.stderr)
+    finally:
+        await drop_schema(schema)
+
+
 async def skip_to_end(settings: InferlogSettings, group: str, topics: list[str]) -> None:
     """Commit ``group``'s offsets at the high-water mark of every partition of ``topics`` (the group has no
     member): what it has not read yet it never will, the way a lost consumer-group state or a bad reset
@@ -154,9 +164,4 @@ async def test_replay_republishes_exactly_the_unfinished_jobs(make_cluster: Make
     assert await stored_results(settings) == before
 
     # After the outage and the replays, the store is still the log's view: rebuilt from it, it agrees.
-    schema = f"{settings.postgres_schema}_rebuilt"
-    try:
-        rebuilt = inferlog(settings, "rebuild-store", "--into-schema", schema, "--json")
-        assert rebuilt.returncode == 0, (rebuilt.stdout[-3000:], rebuilt.stderr)
-    finally:
-        await drop_schema(schema)
+    await assert_store_is_the_logs_view(settings)
