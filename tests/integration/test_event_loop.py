@@ -86,7 +86,7 @@ async def test_long_generation_keeps_the_group_and_a_blocked_loop_does_not(
         run_id: str, bootstrap: str, smol_dir: Path, tmp_path: Path) -> None:
     # A tiny model with room for the long generation (the shared one's context is 512 tokens, and a worker
     # refuses what exceeds its model's context).
-    long_dir = build_tiny_llama(tmp_path / "tiny-long", smol_dir, context=1024)
+    long_dir = build_tiny_llama(tmp_path / "tiny-long", smol_dir, context=4096)
     common = make_settings(run_id, bootstrap, long_dir, suffix="loop")
     topics = Topics.from_settings(common)
     await prepare_broker(bootstrap, topics)
@@ -98,7 +98,7 @@ async def test_long_generation_keeps_the_group_and_a_blocked_loop_does_not(
 
     group = f"loop-{uuid.uuid4().hex[:8]}"
     settings = WorkerSettings(common=common, model=TINY, group_id=group, session_timeout_ms=SESSION_MS,
-                              heartbeat_interval_ms=500, num_blocks=32, page_size=64, max_batch_tokens=256,
+                              heartbeat_interval_ms=500, num_blocks=64, page_size=64, max_batch_tokens=256,
                               shutdown_grace_s=0)
     runner = build_runner(settings)
     await asyncio.to_thread(runner.load)
@@ -116,9 +116,10 @@ async def test_long_generation_keeps_the_group_and_a_blocked_loop_does_not(
         await _settled(tier, observer)
         before = (tier.rebalances, observer.assignments)
 
-        # A generation of ~700 tokens takes several seconds here: well over the 3 s session timeout.
+        # A generation of 3,000 tokens takes several seconds here: well over the 3 s session timeout (700
+        # took 1.8 s in a clean-clone run on 2026-12-04, which left the premise unmet).
         record = TokenizedRecord(request_id="long-1", model=TINY, input_ids=list(range(10, 40)),
-                                 params=GenerationParams(max_tokens=700, ignore_eos=True), timings=Timings())
+                                 params=GenerationParams(max_tokens=3000, ignore_eos=True), timings=Timings())
         started = time.monotonic()
         await producer.send_and_wait(topics.tokenized_interactive, encode(record), key=b"long-1")
         results = await eventually(lambda: results_for(bootstrap, topics.results, "long-1"), timeout=120)
@@ -126,7 +127,7 @@ async def test_long_generation_keeps_the_group_and_a_blocked_loop_does_not(
         assert took > SESSION_MS / 1000, f"the generation took {took:.1f}s: not longer than the session timeout"
         await asyncio.sleep(1.0)
         assert len(await results_for(bootstrap, topics.results, "long-1")) == 1 == len(results)
-        assert results[0].usage.completion_tokens == 700
+        assert results[0].usage.completion_tokens == 3000
         assert (tier.rebalances, observer.assignments) == before, "a rebalance happened during generation"
 
         # Negative control: the same loop, blocked on purpose for well over the session timeout.
