@@ -48,6 +48,10 @@ class InferlogSettings(BaseSettings):
     broker_check_interval_s: float = Field(default=3.0, gt=0, le=60)
     """How often a consuming service checks that the broker still holds the log it started on (its topics,
     their partition counts, the epoch marker: inferlog.epoch)."""
+    redrive_on_up: bool = True
+    """``inferlog up`` re-drives, before it serves, every accepted job without a terminal result whose records
+    only an earlier broker epoch's log held (the same code as ``inferlog redrive``). Off: ``up`` says how
+    many wait, and they hold no admission slot until an operator runs ``inferlog redrive``."""
     postgres_url: str = LOCAL_POSTGRES
     """Postgres DSN of the ledger and result store. Unset: the local one if it answers, else (``inferlog
     up``) an embedded one; ``embedded`` forces that. A configured URL that does not answer is an error."""

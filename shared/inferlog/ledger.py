@@ -152,6 +152,16 @@ class JobView:
 
 
 @dataclass(frozen=True)
+class OpenCount:
+    """Accepted jobs without a terminal result (``RequestLedger.open_count``)."""
+
+    in_flight: int
+    """Those that can still finish: on the current broker epoch's log, in the outbox, or running."""
+    awaiting_redrive: int
+    """Those whose records only an earlier broker epoch's log held: they wait for ``inferlog redrive``."""
+
+
+@dataclass(frozen=True)
 class LedgerEntry:
     """One accepted job as an operator's command sees it (``RequestLedger.entries``)."""
 
@@ -510,13 +520,23 @@ class RequestLedger:
             for row in rows
         ]
 
-    async def open_count(self, tenant: str | None = None) -> int:
-        """Accepted and not terminal (Little's L): everywhere, or one tenant's."""
+    async def open_count(self, tenant: str | None = None) -> OpenCount:
+        """Accepted and not terminal (Little's L), everywhere or one tenant's, split in two: the jobs that can
+        still finish, and those that cannot until re-driven: claimed before the latest broker epoch began
+        and not re-driven into it (their records were on a log that is gone, DESIGN.md). Only the first
+        hold admission slots."""
+        tenant_clause = "" if tenant is None else "AND q.tenant = $1"
         with _translated():
-            if tenant is None:
-                return int(await self._pool.fetchval(f"SELECT count(*) FROM requests WHERE status_rank < {TERMINAL_RANK}"))
-            return int(await self._pool.fetchval(
-                f"SELECT count(*) FROM requests WHERE status_rank < {TERMINAL_RANK} AND tenant = $1", tenant))
+            row = await self._pool.fetchrow(
+                "WITH latest AS (SELECT epoch, written_at FROM broker_epochs "
+                "                ORDER BY recorded_at DESC, written_at DESC LIMIT 1), "
+                "open AS (SELECT (l.epoch IS NOT NULL AND q.created_at < to_timestamp(l.written_at) "
+                "                 AND q.redriven_epoch IS DISTINCT FROM l.epoch) AS stranded "
+                f"        FROM requests q LEFT JOIN latest l ON true WHERE q.status_rank < {TERMINAL_RANK} "
+                f"        {tenant_clause}) "
+                "SELECT count(*) FILTER (WHERE NOT stranded) AS live, count(*) FILTER (WHERE stranded) AS stranded "
+                "FROM open", *(() if tenant is None else (tenant,)))
+        return OpenCount(int(row["live"]), int(row["stranded"]))
 
     async def recent_throughput(self, window_s: float = 60.0) -> tuple[float, float]:
         """(output tokens per second, mean output tokens per request) over the last ``window_s``."""

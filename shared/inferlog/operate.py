@@ -48,7 +48,7 @@ from inferlog.epoch import EpochMarker, Prepared, inspect_broker, prepare_broker
 from inferlog.errors import ConfigError, InferlogError
 from inferlog.hot import Keys, Leases, StatusCache
 from inferlog.kafka import make_producer
-from inferlog.ledger import RequestLedger
+from inferlog.ledger import OpenCount, RequestLedger
 from inferlog.messages import Status, now
 from inferlog.publishing import Submitter
 from inferlog.rebuild import check_schema, rebuild
@@ -335,6 +335,29 @@ async def redrive_into(settings: InferlogSettings, c: _Connections, marker: Epoc
         finally:
             await redis.aclose()
     return report
+
+
+async def recover_on_up(settings: InferlogSettings, prepared: Prepared, *, others_may_consume: bool) -> RedriveReport:
+    """``inferlog up``'s recovery before it serves: ``redrive`` into the epoch it just prepared (a run that
+    finds nothing to do publishes nothing). ``others_may_consume``: the broker was found, not started, so
+    services of another stack may still consume the old log; they get their guards' two checks first."""
+    async with _connected(settings) as c:
+        if others_may_consume and prepared.new_epoch:
+            wait_s = prepared.marker.written_at + 2 * settings.broker_check_interval_s + 2 - now()
+            if wait_s > 0:
+                print(f"waiting {wait_s:.0f}s for running services to notice the new broker epoch", flush=True)
+                await asyncio.sleep(wait_s)
+        with _Bar() as bar:
+            return await redrive_into(settings, c, prepared.marker, progress=bar)
+
+
+async def count_open(settings: InferlogSettings) -> OpenCount:
+    """The ledger's accepted jobs without a terminal result (``RequestLedger.open_count``)."""
+    pool = await connect_pool(settings.postgres_url, settings.postgres_schema, max_size=1)
+    try:
+        return await RequestLedger(pool).open_count()
+    finally:
+        await pool.close()
 
 
 STAGES = ("tokenizer", "gpu-worker", "result-store")

@@ -1,11 +1,14 @@
 """``inferlog up``: the whole stack on one machine, as child processes.
 
 Order: broker (started here when none answers at the bootstrap address), migrations, model preparation,
-topics, then the services downstream-first (result-store, gpu-worker, tokenizer, gateway), each waited
+topics and the broker epoch, the re-drive of the accepted jobs an earlier broker log took with it (Tansu
+keeps its log in memory: every ``up`` that starts it starts an empty log; ``INFERLOG_REDRIVE_ON_UP``),
+then the services downstream-first (result-store, gpu-worker, tokenizer, gateway), each waited
 for until ready (the worker's load hash in Redis, the consumer groups Stable, the gateway's /readyz), so
 that when the gateway URL is printed a submit goes all the way through without waiting for a group join
 (~4 s on Tansu). Ctrl-C or
-SIGTERM stops them in the reverse order (each finishes and commits within its grace period). Once up, a
+SIGTERM stops them in the reverse order (each finishes and commits within its grace period), and ``up``
+says how many accepted jobs are unfinished and what becomes of them. Once up, a
 service that dies is restarted with backoff, as a process supervisor would; one that dies while the stack
 is still starting stops it, and ``up`` exits non-zero.
 
@@ -25,17 +28,18 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+from aiokafka.errors import KafkaError
 from redis import Redis
 
 from inferlog import broker
 from inferlog.config import EMBEDDED, InferlogSettings
 from inferlog.db import migrate
 from inferlog.embedded import EmbeddedPostgres, EmbeddedRedis
-from inferlog.epoch import prepare_broker
-from inferlog.errors import ConfigError, StoreUnavailable
+from inferlog.epoch import Prepared, prepare_broker
+from inferlog.errors import ConfigError, InferlogError, StoreUnavailable
 from inferlog.hot import Keys
 from inferlog.models import ModelRegistry, prepare
-from inferlog.operate import record_epoch
+from inferlog.operate import count_open, record_epoch, recover_on_up
 from inferlog.topics import Topics, group_is_consuming
 
 log = logging.getLogger("inferlog.up")
@@ -66,6 +70,7 @@ class Stack:
         self.children: list[Child] = []
         self._broker: subprocess.Popen[bytes] | None = None
         self._embedded: list[EmbeddedPostgres | EmbeddedRedis] = []
+        self._ledger_ready = False
 
     # -- bring-up -------------------------------------------------------------------------------------------
 
@@ -93,7 +98,7 @@ class Stack:
             if not model.is_prepared:
                 print(f"preparing model {model.name} (once; cached in {model.directory})", flush=True)
             prepare(model)
-        asyncio.run(self._prepare_broker())
+        self._recover(asyncio.run(self._prepare_broker()))
         self._spawn("result-store")
         self._spawn("gpu-worker")
         self._wait_until(self._worker_ready, "gpu-worker", timeout=300)
@@ -103,10 +108,34 @@ class Stack:
         self._spawn("gateway")
         self._wait_until(self._gateway_ready, "gateway", timeout=60)
 
-    async def _prepare_broker(self) -> None:
+    async def _prepare_broker(self) -> Prepared:
         """The topics and the broker's epoch marker (``inferlog topics``), recorded in the ledger."""
         prepared = await prepare_broker(self.settings.kafka_bootstrap, Topics.from_settings(self.settings))
         await record_epoch(self.settings, prepared)
+        self._ledger_ready = True
+        return prepared
+
+    def _recover(self, prepared: Prepared) -> None:
+        """Before serving: the accepted jobs an earlier broker log took with it back on this one (``inferlog
+        redrive``), or, with the re-drive turned off, how many wait for it."""
+        s = self.settings
+        if not s.redrive_on_up:
+            waiting = asyncio.run(count_open(s)).awaiting_redrive
+            if waiting:
+                print(f"{waiting:,} accepted jobs from an earlier broker log wait for `inferlog redrive` "
+                      "(INFERLOG_REDRIVE_ON_UP is off); they hold no admission slot meanwhile", flush=True)
+            return
+        try:
+            report = asyncio.run(recover_on_up(s, prepared, others_may_consume=self._broker is None))
+        except (InferlogError, KafkaError, OSError) as exc:
+            raise ConfigError(f"re-driving the previous run's unfinished jobs failed: {exc or type(exc).__name__} "
+                              "(nothing is lost: run `inferlog up` again, or `inferlog redrive`)") from exc
+        if report.redriven or report.missing_payload:
+            notes = [f"{len(report.deadline_passed):,} past their deadline end expired"] if report.deadline_passed else []
+            if report.missing_payload:
+                notes.append(f"{len(report.missing_payload):,} without a stored payload ended failed (payload_lost)")
+            print(f"re-driven {len(report.redriven):,} jobs from the previous run into broker epoch {report.epoch}"
+                  + (f" ({'; '.join(notes)})" if notes else ""), flush=True)
 
     def _resolve_stores(self) -> None:
         """Use the configured stores; with none configured, the local ones if they answer, else embedded
@@ -214,6 +243,7 @@ class Stack:
                 log.warning("%s did not stop in time: killing it", child.name)
                 child.proc.kill()
                 child.proc.wait()
+        self._say_what_is_left()
         if self._broker is not None:
             self._broker.terminate()
             try:
@@ -222,6 +252,30 @@ class Stack:
                 self._broker.kill()
         for store in reversed(self._embedded):
             store.stop()
+
+
+    def _say_what_is_left(self) -> None:
+        """On stop: how many accepted jobs are unfinished, and what becomes of them."""
+        if not self._ledger_ready:
+            return
+        try:
+            count = asyncio.run(count_open(self.settings))
+        except InferlogError as exc:
+            print(f"the unfinished jobs could not be counted: {exc}", flush=True)
+            return
+        unfinished = count.in_flight + count.awaiting_redrive
+        if not unfinished:
+            return
+        if self._broker is None:
+            then = f"their records stay on the broker at {self.settings.kafka_bootstrap}"
+            if count.awaiting_redrive:
+                then += f" ({count.awaiting_redrive:,} of them wait for `inferlog redrive`: an earlier log held them)"
+        elif self.settings.redrive_on_up:
+            then = "the in-memory broker log goes with this stop: the next `inferlog up` re-drives them"
+        else:
+            then = ("the in-memory broker log goes with this stop: run `inferlog redrive` after the next "
+                    "`inferlog up` (INFERLOG_REDRIVE_ON_UP is off)")
+        print(f"{unfinished:,} accepted jobs are unfinished; {then}", flush=True)
 
 
 def up(settings: InferlogSettings, gateway_host: str, gateway_port: int) -> int:

@@ -1,7 +1,8 @@
 """The one admission module (DESIGN.md, contract 8): decides 202 / 429 / 503 for every submit.
 
-Signals: the ledger's count of accepted-but-not-terminal requests (Little's L; the broker's end offsets
-are unreliable here), globally and per tenant; store health (a Postgres circuit that is open is a 503).
+Signals: the ledger's count of accepted-but-not-terminal requests that can still finish (Little's L; the
+broker's end offsets are unreliable here), globally and per tenant: jobs whose records were only on an
+earlier broker epoch's log hold no slot (they wait for ``inferlog redrive``; a refusal says how many); store health (a Postgres circuit that is open is a 503).
 The batch tier is shed first: it is refused at ``batch_share`` of the global limit, interactive work at
 the limit. ``Retry-After`` is the estimated wait: the excess work divided by the measured output rate.
 Later signals (KV usage, consumer lag, degradation levels) belong here, not beside it.
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from inferlog.errors import InferlogError
-from inferlog.ledger import RequestLedger
+from inferlog.ledger import OpenCount, RequestLedger
 from inferlog.messages import Priority
 
 COUNT_TTL_S = 0.5
@@ -48,7 +49,7 @@ class Admission:
     def __init__(self, ledger: RequestLedger, limits: Limits) -> None:
         self._ledger = ledger
         self._limits = limits
-        self._counts: dict[str | None, tuple[float, int]] = {}
+        self._counts: dict[str | None, tuple[float, OpenCount]] = {}
         self._rate: tuple[float, float, float] | None = None
 
     async def admit(self, tenant: str | None, priority: Priority) -> None:
@@ -57,26 +58,27 @@ class Admission:
         in_flight = await self._count(None)
         limit = limits.max_in_flight if priority is Priority.INTERACTIVE else int(
             limits.max_in_flight * limits.batch_share)
-        if in_flight >= limit:
+        if in_flight.in_flight >= limit:
             raise Overloaded(
-                f"{in_flight} requests are in flight (limit {limit} for the {priority.value} tier); retry later.",
-                await self._retry_after(in_flight - limit + 1), "overloaded")
+                f"{in_flight.in_flight} requests are in flight (limit {limit} for the {priority.value} tier); "
+                f"retry later.{_stranded(in_flight)}", await self._retry_after(in_flight.in_flight - limit + 1),
+                "overloaded")
         if tenant is not None:
             mine = await self._count(tenant)
-            if mine >= limits.tenant_max_in_flight:
+            if mine.in_flight >= limits.tenant_max_in_flight:
                 raise Overloaded(
-                    f"Your {mine} requests in flight reach your limit of {limits.tenant_max_in_flight}; "
-                    "retry when some finish.", await self._retry_after(mine - limits.tenant_max_in_flight + 1),
-                    "tenant_limit")
+                    f"Your {mine.in_flight} requests in flight reach your limit of {limits.tenant_max_in_flight}; "
+                    f"retry when some finish.{_stranded(mine)}",
+                    await self._retry_after(mine.in_flight - limits.tenant_max_in_flight + 1), "tenant_limit")
 
     def accepted(self, tenant: str | None) -> None:
         """Count a just-accepted submit until the next refresh (so a burst cannot overshoot)."""
         for key in {None, tenant}:
             if key in self._counts:
                 at, count = self._counts[key]
-                self._counts[key] = (at, count + 1)
+                self._counts[key] = (at, OpenCount(count.in_flight + 1, count.awaiting_redrive))
 
-    async def _count(self, tenant: str | None) -> int:
+    async def _count(self, tenant: str | None) -> OpenCount:
         cached = self._counts.get(tenant)
         if cached is not None and time.monotonic() - cached[0] < COUNT_TTL_S:
             return cached[1]
@@ -92,3 +94,10 @@ class Admission:
         work = excess_requests * (tokens_per_request or FALLBACK_TOKENS_PER_REQUEST)
         wait = work / (tokens_per_s or FALLBACK_TOKENS_PER_S)
         return max(MIN_RETRY_S, min(MAX_RETRY_S, math.ceil(wait)))
+
+
+def _stranded(count: OpenCount) -> str:
+    if not count.awaiting_redrive:
+        return ""
+    return (f" ({count.awaiting_redrive} more accepted jobs of an earlier broker log are not counted: they wait "
+            "for an operator's `inferlog redrive`.)")

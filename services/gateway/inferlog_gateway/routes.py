@@ -208,16 +208,21 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """Ready means: can accept and durably record submits: Postgres answers, and the broker is reachable
-    or the outbox relay is healthy (accepted requests wait in the ledger until the broker returns)."""
+    or the outbox relay is healthy (accepted requests wait in the ledger until the broker returns). Beside the
+    checks: the accepted jobs in flight, and those awaiting ``inferlog redrive`` (their records were on an
+    earlier broker log; they hold no admission slot)."""
     state = _state(request)
     checks: dict[str, str] = {}
+    detail: dict[str, int] = {}
     try:
         await state.ledger.ping()
         checks["postgres"] = "ok"
+        count = await state.ledger.open_count()
+        detail = {"in_flight": count.in_flight, "awaiting_redrive": count.awaiting_redrive}
     except StoreUnavailable as exc:
         checks["postgres"] = str(exc)
     broker_up = await state.broker_ready()  # type: ignore[operator]
     checks["broker"] = "ok" if broker_up else "unreachable"
     checks["outbox"] = "ok" if state.relay.healthy else "failing"
     ready = checks["postgres"] == "ok" and (broker_up or state.relay.healthy)
-    return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks})
+    return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks, **detail})
