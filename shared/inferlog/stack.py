@@ -120,7 +120,10 @@ class Stack:
         redrive``), or, with the re-drive turned off, how many wait for it."""
         s = self.settings
         if not s.redrive_on_up:
-            waiting = asyncio.run(count_open(s)).awaiting_redrive
+            try:
+                waiting = asyncio.run(count_open(s)).awaiting_redrive
+            except InferlogError as exc:
+                raise ConfigError(f"the jobs waiting for `inferlog redrive` could not be counted: {exc}") from exc
             if waiting:
                 print(f"{waiting:,} accepted jobs from an earlier broker log wait for `inferlog redrive` "
                       "(INFERLOG_REDRIVE_ON_UP is off); they hold no admission slot meanwhile", flush=True)
@@ -260,8 +263,8 @@ class Stack:
             return
         try:
             count = asyncio.run(count_open(self.settings))
-        except InferlogError as exc:
-            print(f"the unfinished jobs could not be counted: {exc}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the broker and stores must still be stopped
+            print(f"the unfinished jobs could not be counted: {exc or type(exc).__name__}", flush=True)
             return
         unfinished = count.in_flight + count.awaiting_redrive
         if not unfinished:
