@@ -14,10 +14,13 @@ link). The record to re-drive is:
 - for any later stage (tokenized, results, events), the job's payload in the ledger (what was accepted).
 
 What cannot be re-driven is listed with why, never guessed: a record that still does not read as a request,
-a truncated one whose source is gone, a job with no stored payload. A re-driven job that fails again is
-dead-lettered once more like any record, and never re-driven automatically again ("failed again"): no loop.
-Dead letters are named by identity (stage, source position, source value's hash), so two copies of one
-are one and re-running a re-drive never makes a second job.
+a truncated one whose source is gone, a job with no stored payload, a job the dead letter did not end (still
+open: ``inferlog replay`` is for that; or ended other than ``failed``: nothing to run again). A re-driven job
+that fails again is dead-lettered once more like any record, and never re-driven automatically again ("failed
+again"): no loop. Dead letters are named by identity (stage, source position, source value's hash), so two
+copies of one are one; and one job re-drives once, whatever number of dead letters it left (two copies of its
+record on the requests topic, or refusals at two stages, with the same payload): re-running a re-drive never
+makes a second job.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -32,7 +36,7 @@ from pydantic import ValidationError
 
 from inferlog.errors import ConfigError
 from inferlog.identity import client_id_of
-from inferlog.ledger import RequestLedger, key_of
+from inferlog.ledger import LedgerEntry, RequestLedger, key_of, payload_hash
 from inferlog.logscan import read_all, read_at
 from inferlog.messages import DeadLetter, RequestRecord, Status, Timings, now
 from inferlog.publishing import Submitter
@@ -75,6 +79,8 @@ class Letter:
     dead: DeadLetter
     identity: str
     copies: int = 1
+    copies_at: tuple[tuple[int, int], ...] = ()
+    """Where the later copies are on the DLQ."""
 
     @property
     def position(self) -> str:
@@ -108,7 +114,7 @@ class Dlq:
     def find(self, partition: int, offset: int) -> Letter | None:
         """The dead letter at that position (or the one it is a copy of)."""
         for letter in self.letters:
-            if (letter.partition, letter.offset) == (partition, offset):
+            if (letter.partition, letter.offset) == (partition, offset) or (partition, offset) in letter.copies_at:
                 return letter
         return None
 
@@ -128,7 +134,8 @@ async def read_dlq(bootstrap: str, topic: str, *, progress: Progress | None = No
         if identity in first:
             index = first[identity]
             copy = out.letters[index]
-            out.letters[index] = Letter(copy.partition, copy.offset, copy.dead, identity, copy.copies + 1)
+            out.letters[index] = Letter(copy.partition, copy.offset, copy.dead, identity, copy.copies + 1,
+                                        (*copy.copies_at, (logged.partition, logged.offset)))
         else:
             first[identity] = len(out.letters)
             out.letters.append(Letter(logged.partition, logged.offset, dead, identity))
@@ -149,6 +156,8 @@ class Verdict:
     detail: str = ""
     record: RequestRecord | None = None
     """REDRIVABLE: the original's record, to be re-driven under a derived ID."""
+    same_as: Letter | None = None
+    """REDRIVABLE: an earlier dead letter of the same job and payload, re-driven as one job with it."""
 
     @property
     def original_key(self) -> str | None:
@@ -160,7 +169,15 @@ class Verdict:
                 "at": dead.at, "stage": dead.stage, "error": dead.error, "request_id": dead.request_id,
                 "source": {"topic": dead.topic, "partition": dead.partition, "offset": dead.offset},
                 "value_bytes": dead.value_bytes, "value_sha256": dead.value_sha256, "truncated": dead.truncated,
-                "state": self.state, "detail": self.detail}
+                "state": self.state, "detail": self.detail,
+                "same_job_as": self.same_as.position if self.same_as is not None else None}
+
+
+def _job_key(letter: Letter) -> str | None:
+    """The job key a dead letter names, if it can be one: a key with NUL in it (a direct producer's record)
+    names no job, and must never reach a query (Postgres text refuses NUL for every key in the list)."""
+    key = letter.dead.request_id
+    return key if key and "\x00" not in key else None
 
 
 async def assess(ledger: RequestLedger, bootstrap: str, topics: Topics, letters: list[Letter]) -> list[Verdict]:
@@ -168,12 +185,11 @@ async def assess(ledger: RequestLedger, bootstrap: str, topics: Topics, letters:
     reserved = await ledger.redrives([letter.identity for letter in letters])
     # A reservation whose job was never claimed or published (a re-drive that stopped between the two) is
     # finished by this one, under the same key.
-    on_log = {v.request_id for v in await ledger.get_many(sorted(set(reserved.values())))
-              if v.status is not Status.RECEIVED} if reserved else set()
-    done = {identity: key for identity, key in reserved.items() if key in on_log}
-    keys = sorted({letter.dead.request_id for letter in letters if letter.dead.request_id})
+    published = await _on_log(ledger, reserved.values())
+    done = {identity: key for identity, key in reserved.items() if key in published}
+    keys = sorted({key for letter in letters if (key := _job_key(letter))})
     origins = await ledger.redrive_origins(keys) if keys else {}
-    later = sorted({lt.dead.request_id for lt in letters if lt.dead.request_id and lt.dead.topic != topics.requests})
+    later = sorted({key for lt in letters if (key := _job_key(lt)) and lt.dead.topic != topics.requests})
     payloads = {e.request_id: e.payload for e in await ledger.entries(keys=later)} if later else {}
     verdicts = []
     for letter in letters:
@@ -184,18 +200,87 @@ async def assess(ledger: RequestLedger, bootstrap: str, topics: Topics, letters:
             verdicts.append(Verdict(letter, FAILED_AGAIN, origins[dead.request_id]))
         elif dead.topic == topics.requests:
             verdicts.append(await _from_source(bootstrap, letter))
+        elif _job_key(letter) is None and dead.request_id:
+            verdicts.append(Verdict(letter, NOT_REDRIVABLE, "its key is not a job's (it holds NUL)"))
         else:
             verdicts.append(_from_ledger(letter, payloads.get(dead.request_id or "")))
-    return verdicts
+    return await _one_per_job(ledger, verdicts, topics)
+
+
+async def _one_per_job(ledger: RequestLedger, verdicts: list[Verdict], topics: Topics) -> list[Verdict]:
+    """Re-drivable only what a re-drive is for, once per job and payload:
+
+    - a dead letter that is the job it names (any later stage's, or a requests-topic record with the job's
+      payload) re-drives only a job that ended ``failed``: one still open was not ended by it (``inferlog
+      replay`` re-publishes an open job; a re-drive would run it twice), and one that ended otherwise has
+      nothing to run again. A requests-topic record with another payload (an ID reused) is a request that
+      never became a job: re-drivable whatever became of the job that holds its ID;
+    - dead letters of one job with one payload are one re-drive: the first is re-driven, the others are the
+      same job (``same_as``); one whose job and payload an earlier run re-drove (and published) is that
+    re-drive."""
+    originals = sorted({key_of(v.record) for v in verdicts if v.state == REDRIVABLE and v.record is not None})
+    if not originals:
+        return verdicts
+    jobs = {e.request_id: e for e in await ledger.entries(keys=originals)}
+    earlier = await ledger.redrives_of(originals)
+    on_log = await _on_log(ledger, earlier.values())
+    first: dict[tuple[str, str], Letter] = {}
+    out = []
+    for v in verdicts:
+        if v.state != REDRIVABLE or v.record is None:
+            out.append(v)
+            continue
+        key, digest = key_of(v.record), payload_hash(v.record)
+        why = _not_for_redrive(jobs.get(key), digest, is_the_job=v.letter.dead.topic != topics.requests)
+        if why is not None:
+            out.append(Verdict(v.letter, NOT_REDRIVABLE, why))
+        elif earlier.get((key, digest)) in on_log:
+            out.append(Verdict(v.letter, REDRIVEN, earlier[(key, digest)]))
+        elif (key, digest) in first:
+            out.append(Verdict(v.letter, REDRIVABLE, record=v.record, same_as=first[(key, digest)]))
+        else:
+            first[(key, digest)] = v.letter
+            out.append(v)
+    return out
+
+
+async def _on_log(ledger: RequestLedger, keys: Iterable[str]) -> set[str]:
+    """Which of these (re-drive) job keys were claimed and published: past ``received``."""
+    wanted = sorted(set(keys))
+    return {v.request_id for v in await ledger.get_many(wanted) if v.status is not Status.RECEIVED} if wanted else set()
+
+
+def _not_for_redrive(job: LedgerEntry | None, digest: str, *, is_the_job: bool) -> str | None:
+    """Why a dead letter's record must not become a new job, given the job its ID names (None: it may)."""
+    if job is None or not (is_the_job or _digest_of(job) == digest):
+        return None  # never a job, or another payload under a taken ID: a request of its own
+    if not job.terminal:
+        return (f"job {job.request_id} is still {job.status.value}: this dead letter did not end it "
+                "(`inferlog replay` re-publishes an open job)")
+    if job.status is not Status.FAILED:
+        return f"job {job.request_id} ended {job.status.value}: nothing to run again"
+    return None
+
+
+def _digest_of(job: LedgerEntry) -> str | None:
+    try:
+        return payload_hash(RequestRecord.model_validate(json.loads(job.payload))) if job.payload else None
+    except (ValidationError, ValueError):
+        return None
 
 
 async def _from_source(bootstrap: str, letter: Letter) -> Verdict:
     dead = letter.dead
     raw: bytes | str = dead.value
-    if dead.truncated:
+    # The copy is the record only if it holds its bytes: cut short, or with invalid UTF-8 replaced (a prompt
+    # the producer never sent), the source record is read back instead, while the log holds it.
+    whole = not dead.truncated and (dead.value_sha256 is None or hashlib.sha256(
+        dead.value.encode("utf-8", "surrogatepass")).hexdigest() == dead.value_sha256)
+    if not whole:
         source = await read_at(bootstrap, dead.topic, dead.partition, dead.offset)
         if source is None or source.value is None or hashlib.sha256(source.value).hexdigest() != dead.value_sha256:
-            return Verdict(letter, NOT_REDRIVABLE, "its value was cut short and the source record is no longer "
+            altered = "was cut short" if dead.truncated else "is not the record's bytes (invalid UTF-8 replaced)"
+            return Verdict(letter, NOT_REDRIVABLE, f"its value {altered} and the source record is no longer "
                            f"on the log ({dead.topic}[{dead.partition}]@{dead.offset})")
         raw = source.value
     try:
@@ -284,15 +369,24 @@ async def redrive_letters(ledger: RequestLedger, submitter: Submitter, verdicts:
         elif v.state == NOT_REDRIVABLE:
             report.not_redrivable.append((v.letter.position, v.detail))
     at = now()
+    became: dict[str, str] = {}
+    """This run's re-drives: the first dead letter's identity → the new job key."""
     for v in todo:
         assert v.record is not None
+        if v.same_as is not None:  # the same job and payload as an earlier dead letter: re-driven with it
+            report.already_redriven.append((v.letter.position, became.get(v.same_as.identity, "(new)")))
+            continue
         original = key_of(v.record)
         if dry_run:
             report.redriven.append((v.letter.position, original, "(new)"))
+            if v.record.deadline_at is not None and v.record.deadline_at <= at and extend_deadline_s is None:
+                report.deadline_passed.append(f"(re-drive of {original})")
             continue
-        new_key, _reserved = await ledger.reserve_redrive(v.letter.identity, original, v.letter.position, at)
+        new_key, _reserved = await ledger.reserve_redrive(v.letter.identity, original, payload_hash(v.record),
+                                                          v.letter.position, at)
         record, passed = redriven_record(v.record, new_key, extend_deadline_s=extend_deadline_s, at=at)
         await submitter.submit_now(record)
+        became[v.letter.identity] = new_key
         report.redriven.append((v.letter.position, original, new_key))
         if passed:
             report.deadline_passed.append(new_key)

@@ -370,17 +370,22 @@ class RequestLedger:
                 [key_of(r) for r in records], [r.model_dump_json(exclude_none=True) for r in records],
                 [r.deadline_at for r in records], Status.QUEUED.rank, Status.QUEUED.value, at, epoch)
 
-    async def reserve_redrive(self, dead_letter: str, original_key: str, position: str, at: float) -> tuple[str, bool]:
-        """The job key dead letter ``dead_letter`` (its identity) is re-driven as, and whether this call
-        reserved it (False: an earlier re-drive did). A new key is the original's client ID with
-        ``.redrive-<n>``, the first ``n`` no job and no other re-drive holds; reserved before the new job is
-        claimed, so a re-drive that stops between the two resumes with the same key."""
+    async def reserve_redrive(self, dead_letter: str, original_key: str, digest: str, position: str,
+                              at: float) -> tuple[str, bool]:
+        """The job key dead letter ``dead_letter`` (its identity), which re-drives ``original_key``'s payload
+        ``digest`` (``payload_hash``), is re-driven as, and whether this call reserved it (False: an earlier
+        re-drive of this dead letter, or of another with the same job and payload, did). A new key is the
+        original's client ID with ``.redrive-<n>``, the first ``n`` no job and no other re-drive holds;
+        reserved before the new job is claimed, so a re-drive that stops between the two resumes with the
+        same key."""
         client_id = client_id_of(original_key)
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dlq-redrive:' || $1))", original_key)
                 existing = await conn.fetchval(
-                    "SELECT redriven_key FROM dead_letter_redrives WHERE dead_letter = $1", dead_letter)
+                    "SELECT redriven_key FROM dead_letter_redrives WHERE dead_letter = $1 OR "
+                    "(original_key = $2 AND payload_hash = $3) ORDER BY dead_letter <> $1, at LIMIT 1",
+                    dead_letter, original_key, digest)
                 if existing is not None:
                     return existing, False
                 n = int(await conn.fetchval(
@@ -394,8 +399,9 @@ class RequestLedger:
                     if not taken:
                         break
                 await conn.execute(
-                    "INSERT INTO dead_letter_redrives (dead_letter, original_key, redriven_key, dlq_position, at) "
-                    "VALUES ($1, $2, $3, $4, $5)", dead_letter, original_key, key, position, at)
+                    "INSERT INTO dead_letter_redrives (dead_letter, original_key, redriven_key, dlq_position, at, "
+                    "payload_hash) VALUES ($1, $2, $3, $4, $5, $6)", dead_letter, original_key, key, position, at,
+                    digest)
         return key, True
 
     async def redrives(self, dead_letters: list[str]) -> dict[str, str]:
@@ -405,6 +411,17 @@ class RequestLedger:
                 "SELECT dead_letter, redriven_key FROM dead_letter_redrives WHERE dead_letter = ANY($1::text[])",
                 dead_letters)
         return {row["dead_letter"]: row["redriven_key"] for row in rows}
+
+    async def redrives_of(self, original_keys: list[str]) -> dict[tuple[str, str], str]:
+        """The re-drives reserved for these jobs: (original key, payload hash) → the job key it became (the
+        first, should an older ledger hold several). Reservations made before payloads were recorded are
+        left out."""
+        with _translated():
+            rows = await self._pool.fetch(
+                "SELECT DISTINCT ON (original_key, payload_hash) original_key, payload_hash, redriven_key "
+                "FROM dead_letter_redrives WHERE original_key = ANY($1::text[]) AND payload_hash IS NOT NULL "
+                "ORDER BY original_key, payload_hash, at", original_keys)
+        return {(row["original_key"], row["payload_hash"]): row["redriven_key"] for row in rows}
 
     async def redrive_origins(self, keys: list[str]) -> dict[str, str]:
         """For each of these job keys that is a re-drive of a dead letter: its original's key."""

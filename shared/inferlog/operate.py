@@ -16,7 +16,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import asyncpg
 from aiokafka.errors import KafkaError
@@ -292,12 +292,8 @@ async def _redrive(args: argparse.Namespace, settings: InferlogSettings) -> int:
         if not state.sound or state.marker is None:
             raise ConfigError(f"the broker is not ready for a re-drive ({'; '.join(state.problems)}): "
                               "run `inferlog topics` first")
-        # A service still on the old log could commit an old offset past records re-driven before it exits:
-        # give every guard its two checks first.
-        wait_s = state.marker.written_at + 2 * settings.broker_check_interval_s + 2 - now()
-        if wait_s > 0 and not args.dry_run:
-            print(f"waiting {wait_s:.0f}s for the services to notice the new broker epoch", file=sys.stderr)
-            await asyncio.sleep(wait_s)
+        if not args.dry_run:
+            await _let_guards_notice(settings, state.marker, sys.stderr)
         with _Bar() as bar:
             report = await redrive_into(settings, c, state.marker, extend_deadline_s=args.extend_deadline,
                                         dry_run=args.dry_run, progress=bar)
@@ -314,6 +310,16 @@ async def _redrive(args: argparse.Namespace, settings: InferlogSettings) -> int:
     console.print(summary)
     console.print(f"into broker epoch {report.epoch}")
     return 0
+
+
+async def _let_guards_notice(settings: InferlogSettings, marker: EpochMarker, say: TextIO) -> None:
+    """A service still on the old log could commit an old offset past records re-driven before it exits:
+    give every guard its two checks after the marker was written (nothing to wait for once they are past,
+    whoever wrote it: an ``up`` stopped mid-wait and run again waits out the rest)."""
+    wait_s = marker.written_at + 2 * settings.broker_check_interval_s + 2 - now()
+    if wait_s > 0:
+        print(f"waiting {wait_s:.0f}s for running services to notice the new broker epoch", file=say, flush=True)
+        await asyncio.sleep(wait_s)
 
 
 async def redrive_into(settings: InferlogSettings, c: _Connections, marker: EpochMarker, *,
@@ -342,11 +348,8 @@ async def recover_on_up(settings: InferlogSettings, prepared: Prepared, *, other
     finds nothing to do publishes nothing). ``others_may_consume``: the broker was found, not started, so
     services of another stack may still consume the old log; they get their guards' two checks first."""
     async with _connected(settings) as c:
-        if others_may_consume and prepared.new_epoch:
-            wait_s = prepared.marker.written_at + 2 * settings.broker_check_interval_s + 2 - now()
-            if wait_s > 0:
-                print(f"waiting {wait_s:.0f}s for running services to notice the new broker epoch", flush=True)
-                await asyncio.sleep(wait_s)
+        if others_may_consume:
+            await _let_guards_notice(settings, prepared.marker, sys.stdout)
         with _Bar() as bar:
             return await redrive_into(settings, c, prepared.marker, progress=bar)
 
@@ -444,13 +447,15 @@ def _state(v: Verdict) -> str:
         return f"failed again (a re-drive of {v.detail})"
     if v.state == NOT_REDRIVABLE:
         return f"not re-drivable: {v.detail}"
+    if v.same_as is not None:
+        return f"re-drivable with {v.same_as.position} (the same job and payload: one re-drive)"
     return "re-drivable"
 
 
 async def _show_letter(args: argparse.Namespace, ledger: RequestLedger, v: Verdict) -> int:
     dead = v.letter.dead
     key = v.original_key
-    job = await ledger.get(key) if key else None
+    job = await ledger.get(key) if key and "\x00" not in key else None  # NUL: no job's key (and no query's)
     linked = {"redrive_of": job.redrive_of, "redriven_as": list(job.redriven_as)} if job else {}
     if args.json:
         print(json.dumps({**v.to_json(), "value": dead.value, "job": key,
@@ -479,10 +484,13 @@ async def _refresh_hot(settings: InferlogSettings, ledger: RequestLedger, keys: 
     Best effort: a failure is said; the views expire in time, and Postgres answers polls without Redis."""
     if not keys:
         return
-    views = [v for v in await ledger.get_many(keys) if v.status.is_terminal()]
     redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
+        views = [v for v in await ledger.get_many(keys) if v.status.is_terminal()]
         await StatusCache(redis, Keys(settings.redis_prefix)).put_many([v.to_hot() for v in views])
+    except InferlogError as exc:  # the re-drive is done: say so, and still print its report
+        print(f"inferlog dlq: the originals' cached status was not refreshed (Postgres: {exc}); their polls show "
+              "the link once it expires", file=sys.stderr)
     except (RedisError, OSError) as exc:
         print(f"inferlog dlq: the originals' cached status was not refreshed (Redis: {exc}); their polls show "
               "the link once it expires", file=sys.stderr)

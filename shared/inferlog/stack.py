@@ -28,6 +28,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+import asyncpg
 from aiokafka.errors import KafkaError
 from redis import Redis
 
@@ -130,7 +131,7 @@ class Stack:
             return
         try:
             report = asyncio.run(recover_on_up(s, prepared, others_may_consume=self._broker is None))
-        except (InferlogError, KafkaError, OSError) as exc:
+        except (InferlogError, KafkaError, OSError, asyncpg.PostgresError) as exc:
             raise ConfigError(f"re-driving the previous run's unfinished jobs failed: {exc or type(exc).__name__} "
                               "(nothing is lost: run `inferlog up` again, or `inferlog redrive`)") from exc
         if report.redriven or report.missing_payload:

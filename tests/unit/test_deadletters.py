@@ -14,6 +14,7 @@ from inferlog.deadletters import (
     NOT_REDRIVABLE,
     REDRIVABLE,
     REDRIVEN,
+    Dlq,
     Letter,
     LetterFilter,
     Verdict,
@@ -47,33 +48,54 @@ def letter(stage: str, topic: str, offset: int, request_id: str | None, value: b
 
 class FakeLedger:
     def __init__(self, payloads: dict[str, str | None], *, reserved: dict[str, str] | None = None,
-                 origins: dict[str, str] | None = None, statuses: dict[str, Status] | None = None) -> None:
+                 origins: dict[str, str] | None = None, statuses: dict[str, Status] | None = None,
+                 jobs: dict[str, Status] | None = None) -> None:
         self.payloads = payloads
         self.reserved = dict(reserved or {})
+        self.by_payload: dict[tuple[str, str], str] = {}
         self.origins = origins or {}
         self.statuses = statuses or {}
+        """Polled status of (re-drive) job keys."""
+        self.jobs = jobs or {}
+        """Status of the jobs whose payloads these are (failed unless named)."""
         self.claimed: list[RequestRecord] = []
+        self.asked: list[str] = []
+        """Every key any query was given (Postgres refuses a list holding NUL)."""
+
+    def _ask(self, keys: list[str]) -> None:
+        self.asked += keys
 
     async def redrives(self, identities: list[str]) -> dict[str, str]:
         return {i: k for i, k in self.reserved.items() if i in identities}
 
     async def redrive_origins(self, keys: list[str]) -> dict[str, str]:
+        self._ask(keys)
         return {k: o for k, o in self.origins.items() if k in keys}
 
+    async def redrives_of(self, keys: list[str]) -> dict[tuple[str, str], str]:
+        self._ask(keys)
+        return {(k, d): n for (k, d), n in self.by_payload.items() if k in keys}
+
     async def get_many(self, keys: list[str]) -> list[JobView]:
+        self._ask(keys)
         return [JobView(k, self.statuses.get(k, Status.QUEUED), None, None, None, None, None, None, None, {}, None)
                 for k in keys if k in self.statuses]
 
     async def entries(self, *, keys: list[str], **_: Any) -> list[LedgerEntry]:
-        return [LedgerEntry(k, None, Status.FAILED, True, self.payloads[k], None, 1.0) for k in keys
-                if k in self.payloads]
+        self._ask(keys)
+        return [LedgerEntry(k, None, self.jobs.get(k, Status.FAILED), self.jobs.get(k, Status.FAILED).is_terminal(),
+                            self.payloads[k], None, 1.0) for k in keys if k in self.payloads]
 
-    async def reserve_redrive(self, identity: str, original: str, position: str, at: float) -> tuple[str, bool]:
+    async def reserve_redrive(self, identity: str, original: str, digest: str, position: str,
+                              at: float) -> tuple[str, bool]:
         if identity in self.reserved:
             return self.reserved[identity], False
+        if (original, digest) in self.by_payload:
+            return self.by_payload[(original, digest)], False
         self.reserved[identity] = job_key(None, redrive_id(original.partition("/")[2] or original, 1))
         if "/" in original:
             self.reserved[identity] = f"{original.partition('/')[0]}/{redrive_id(original.partition('/')[2], 1)}"
+        self.by_payload[(original, digest)] = self.reserved[identity]
         return self.reserved[identity], True
 
 
@@ -179,3 +201,91 @@ def test_a_verdict_names_its_original_job() -> None:
 def test_previews_are_one_bounded_printable_line() -> None:
     assert preview("a\nb\x00c", 100) == "a\\nb\\x00c"
     assert preview("x" * 50, 10) == "x" * 9 + "…"
+
+
+def test_one_job_is_re_driven_once_whatever_number_of_dead_letters_it_left() -> None:
+    # The same record twice on the requests topic (a produce that timed out but landed, and the relay's), each
+    # refused by a bad deploy: two dead letters (other offsets, other bytes), one job to re-drive.
+    first = record("x").model_copy(update={"timings": Timings(received_at=1.0, queued_at=2.0)})
+    again = record("x").model_copy(update={"timings": Timings(received_at=1.0, queued_at=3.0)})
+    letters = [letter("tokenizer", TOPICS.requests, 4, "x", first.model_dump_json(), dlq_offset=0),
+               letter("tokenizer", TOPICS.requests, 9, "x", again.model_dump_json(), dlq_offset=1),
+               letter("tokenizer", TOPICS.requests, 10, "x", record("x").model_copy(
+                   update={"prompt": "another payload"}).model_dump_json(), dlq_offset=2)]
+    assert letters[0].identity != letters[1].identity
+    ledger = FakeLedger({"x": record("x").model_dump_json(exclude_none=True)})
+    verdicts = asyncio.run(assess(ledger, "unused:9092", TOPICS, letters))  # type: ignore[arg-type]
+    assert [v.state for v in verdicts] == [REDRIVABLE] * 3
+    assert verdicts[1].same_as == letters[0] and verdicts[0].same_as is None and verdicts[2].same_as is None
+    dry = asyncio.run(redrive_letters(ledger, FakeSubmitter(), verdicts, dry_run=True))  # type: ignore[arg-type]
+    assert len(dry.redriven) == 2 and dry.already_redriven == [("0:1", "(new)")]
+    submitter = FakeSubmitter()
+    report = asyncio.run(redrive_letters(ledger, submitter, verdicts))  # type: ignore[arg-type]
+    assert len(submitter.submitted) == 2 and report.already_redriven == [("0:1", "x.redrive-1")]
+    # A later run (the copy was never reserved itself): the job it re-drives is on the log, so it is re-driven.
+    ledger.statuses = {"x.redrive-1": Status.QUEUED}
+    later = asyncio.run(assess(ledger, "unused:9092", TOPICS, letters[:2]))  # type: ignore[arg-type]
+    assert [(v.state, v.detail) for v in later] == [(REDRIVEN, "x.redrive-1")] * 2
+
+
+def test_only_a_job_the_dead_letter_ended_failed_is_re_driven() -> None:
+    payload = record("j").model_dump_json(exclude_none=True)
+    event = letter("result-store", "t.events.v1", 1, "j", b"{}")
+    same = letter("tokenizer", TOPICS.requests, 2, "j", record("j").model_dump_json())
+    other = letter("tokenizer", TOPICS.requests, 3, "j", record("j").model_copy(
+        update={"prompt": "an ID reused"}).model_dump_json())
+
+    def states(status: Status) -> list[tuple[str, str]]:
+        ledger = FakeLedger({"j": payload}, jobs={"j": status})
+        verdicts = asyncio.run(assess(ledger, "unused:9092", TOPICS, [event, same, other]))  # type: ignore[arg-type]
+        return [(v.state, v.detail) for v in verdicts]
+
+    assert [s for s, _d in states(Status.FAILED)] == [REDRIVABLE, REDRIVABLE, REDRIVABLE]
+    running = states(Status.RUNNING)
+    assert [s for s, _d in running] == [NOT_REDRIVABLE, NOT_REDRIVABLE, REDRIVABLE], running
+    assert "still running" in running[0][1] and "inferlog replay" in running[0][1]
+    completed = states(Status.COMPLETED)
+    assert [s for s, _d in completed] == [NOT_REDRIVABLE, NOT_REDRIVABLE, REDRIVABLE], completed
+    assert "ended completed" in completed[1][1]  # an event refused while the job completed: nothing to run
+
+
+def test_a_key_holding_nul_names_no_job_and_reaches_no_query() -> None:
+    letters = [letter("result-store", "t.results.v1", 1, "a\x00b", b"{}", dlq_offset=0),
+               letter("gpu-worker", "t.tokenized.interactive.v1", 2, "w", record("w").model_dump_json(),
+                      dlq_offset=1)]
+    ledger = FakeLedger({"w": record("w").model_dump_json(exclude_none=True)})
+    verdicts = asyncio.run(assess(ledger, "unused:9092", TOPICS, letters))  # type: ignore[arg-type]
+    assert verdicts[0].state == NOT_REDRIVABLE and "NUL" in verdicts[0].detail
+    assert verdicts[1].state == REDRIVABLE  # the others are still judged
+    assert ledger.asked and not any("\x00" in k for k in ledger.asked), ledger.asked
+
+
+def test_a_copy_that_is_not_the_records_bytes_is_read_back_from_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = record("u").model_dump_json().replace("prompt u", "prompt \\u00e9").encode().replace(b"\\u00e9", b"\xff")
+    bad = letter("tokenizer", TOPICS.requests, 5, "u", raw)
+    assert not bad.dead.truncated and "\ufffd" in bad.dead.value  # the copy reads, with U+FFFD for the byte
+    reads: list[tuple[str, int, int]] = []
+
+    async def gone(_bootstrap: str, topic: str, partition: int, offset: int) -> None:
+        reads.append((topic, partition, offset))
+
+    monkeypatch.setattr("inferlog.deadletters.read_at", gone)
+    [verdict] = asyncio.run(assess(FakeLedger({}), "unused:9092", TOPICS, [bad]))  # type: ignore[arg-type]
+    assert reads == [(TOPICS.requests, 0, 5)]
+    assert verdict.state == NOT_REDRIVABLE and "invalid UTF-8" in verdict.detail, verdict
+
+
+def test_a_dry_run_counts_the_deadlines_that_passed() -> None:
+    late = letter("tokenizer", TOPICS.requests, 1, "late", record("late", deadline_at=5.0).model_dump_json())
+    verdicts = asyncio.run(assess(FakeLedger({}), "unused:9092", TOPICS, [late]))  # type: ignore[arg-type]
+    dry = asyncio.run(redrive_letters(FakeLedger({}), FakeSubmitter(), verdicts, dry_run=True))  # type: ignore[arg-type]
+    assert len(dry.deadline_passed) == 1
+    extended = asyncio.run(redrive_letters(FakeLedger({}), FakeSubmitter(), verdicts, dry_run=True,  # type: ignore[arg-type]
+                                           extend_deadline_s=60.0))
+    assert extended.deadline_passed == []
+
+
+def test_a_copy_is_found_at_its_own_position() -> None:
+    one = letter("tokenizer", TOPICS.requests, 7, "a", b"{}")
+    dlq = Dlq([Letter(0, 3, one.dead, one.identity, 2, ((1, 8),))])
+    assert dlq.find(0, 3) is dlq.letters[0] and dlq.find(1, 8) is dlq.letters[0] and dlq.find(1, 9) is None
