@@ -265,6 +265,34 @@ class Report:
         return {rid: times for rid, times in self.attempt_times.items()
                 if any(t < not_before for t in sorted(times)[1:])}
 
+    def taken_over_early(self, expiries: dict[str, float]) -> dict[str, tuple[float, list[float]]]:
+        """Requests attempted again before the lease their dead holder left had expired (``lease_expiries``,
+        read at the kill): request_id → (expiry, attempt times). Exact, where a fixed "TTL less one renewal
+        interval" from the kill is not: a renewal that ran late moves the expiry earlier than that."""
+        return {rid: (expiry, self.attempt_times[rid]) for rid, expiry in expiries.items()
+                if any(t < expiry for t in self.attempt_times.get(rid, [])[1:])}
+
+
+async def lease_expiries(settings: InferlogSettings, holder: str) -> dict[str, float]:
+    """The live leases whose value names ``holder`` (a worker ID), request_id → when each expires (epoch
+    seconds, from Redis's PTTL). Read just after the holder was killed, when nothing renews them: no other
+    worker may start their requests before then."""
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    prefix = Keys(settings.redis_prefix).lease("")
+    expiries: dict[str, float] = {}
+    try:
+        async for key in redis.scan_iter(f"{prefix}*", count=1000):
+            asked_at = time.time()  # before the read: the expiry errs early by one round trip, never late
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.get(key)
+                pipe.pttl(key)
+                value, pttl = await pipe.execute()
+            if value and value.startswith(f"{holder}/") and pttl > 0:
+                expiries[key[len(prefix):]] = asked_at + pttl / 1000
+    finally:
+        await redis.aclose()
+    return expiries
+
 
 async def read_topic(settings: InferlogSettings, topic: str, timeout: float = 30) -> list[tuple[bytes | None, bytes]]:
     """Every record of ``topic``, each partition read to its high-water mark (``inferlog.logscan``: fails

@@ -14,6 +14,7 @@ from tests.faults.harness import (
     Client,
     check,
     describe,
+    lease_expiries,
     long_bodies,
     running_at_least,
     tail,
@@ -21,10 +22,6 @@ from tests.faults.harness import (
 )
 
 pytestmark = pytest.mark.faults
-
-LEASE_TTL_S = int(WORKER["INFERLOG_WORKER_LEASE_TTL_MS"]) / 1000
-EARLIEST_TAKEOVER_S = LEASE_TTL_S * 2 / 3
-"""After a holder dies its lease lives at least TTL minus one renewal interval (a third of the TTL)."""
 
 
 
@@ -40,6 +37,7 @@ async def test_sigkill_worker_mid_batch_loses_nothing(make_cluster: MakeCluster)
     victim = cluster.worker_id("w")
     killed_at = time.time()
     cluster.signal("w", signal.SIGKILL)
+    left = await lease_expiries(cluster.settings, victim)  # nothing renews them now
     cluster.restart("w")
     await submitting
     await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
@@ -54,7 +52,9 @@ async def test_sigkill_worker_mid_batch_loses_nothing(make_cluster: MakeCluster)
     assert set(report.regenerated) <= interrupted, "only the victim's in-flight work may be generated twice"
     assert report.generations == report.accepted + len(report.regenerated), describe(report)
     assert report.regenerated, "no interrupted request was redelivered and generated again"
-    assert report.early_retries(killed_at + EARLIEST_TAKEOVER_S) == {}, "taken over while its lease lived"
+    assert left, "the kill left no live lease"
+    assert report.early_retries(killed_at) == {}, "a request was attempted twice before the kill"
+    assert report.taken_over_early(left) == {}, "taken over while its lease lived"
     assert elapsed <= FAULT_BUDGET_S, f"took {elapsed:.0f}s"
 
 
@@ -108,6 +108,7 @@ async def test_workers_added_and_removed_under_traffic(make_cluster: MakeCluster
     removed = cluster.worker_id("w1")
     killed_at = time.time()
     cluster.signal("w1", signal.SIGKILL)  # removed, with its leases
+    left = await lease_expiries(cluster.settings, removed)  # nothing renews them now
     await submitting
     await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
 
@@ -119,6 +120,8 @@ async def test_workers_added_and_removed_under_traffic(make_cluster: MakeCluster
     assert interrupted, "removing w1 hit no work in flight"
     assert set(report.regenerated) <= interrupted, describe(report)
     assert report.generations == report.accepted + len(report.regenerated), describe(report)
-    assert report.early_retries(killed_at + EARLIEST_TAKEOVER_S) == {}, "taken over while its lease lived"
+    assert left, "w1 left no live lease"
+    assert report.early_retries(killed_at) == {}, "a request was attempted twice while both workers lived"
+    assert report.taken_over_early(left) == {}, "taken over while its lease lived"
     assert "taking over" in tail(cluster.procs["w2"].log, 2000), "w2 never took over an expired lease"
     assert elapsed <= FAULT_BUDGET_S, f"took {elapsed:.0f}s"
