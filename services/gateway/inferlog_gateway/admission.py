@@ -78,11 +78,6 @@ class Admission:
                 at, count = self._counts[key]
                 self._counts[key] = (at, OpenCount(count.in_flight + 1, count.awaiting_redrive))
 
-    async def open_count(self) -> OpenCount:
-        """The accepted jobs in flight and those awaiting a re-drive, as admission sees them (cached: a probe
-        that asks often costs one count per ``COUNT_TTL_S``)."""
-        return await self._count(None)
-
     async def _count(self, tenant: str | None) -> OpenCount:
         cached = self._counts.get(tenant)
         if cached is not None and time.monotonic() - cached[0] < COUNT_TTL_S:

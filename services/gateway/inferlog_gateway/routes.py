@@ -217,7 +217,7 @@ async def readyz(request: Request) -> JSONResponse:
     try:
         await state.ledger.ping()
         checks["postgres"] = "ok"
-        count = await state.admission.open_count()
+        count = await state.ledger.open_count()
         detail = {"in_flight": count.in_flight, "awaiting_redrive": count.awaiting_redrive}
     except StoreUnavailable as exc:
         checks["postgres"] = str(exc)
