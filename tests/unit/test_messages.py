@@ -1,6 +1,11 @@
 import json
 from pathlib import Path
 
+import jsonschema
+import pytest
+
+from inferlog.config import DEFAULT_MODEL_NAME
+from inferlog.ledger import key_of
 from inferlog.messages import EXPORTED_MODELS, GenerationParams, RequestRecord, Status
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -10,6 +15,18 @@ def test_exported_schemas_match_the_models() -> None:
     for name, model in EXPORTED_MODELS.items():
         exported = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
         assert exported == model.model_json_schema(), f"schemas/{name}.schema.json is stale: run inferlog schemas"
+
+
+def test_the_example_request_is_what_the_schema_and_the_model_accept() -> None:
+    """``schemas/examples/request.json`` is produced as it is by a direct producer (README): the exported
+    schema, which producers in other languages validate with, and the model the tokenizer reads both take it."""
+    example = json.loads((SCHEMAS / "examples" / "request.json").read_text())
+    schema = json.loads((SCHEMAS / "request.v1.schema.json").read_text())
+    jsonschema.validate(example, schema)
+    record = RequestRecord.model_validate(example)
+    assert record.model == DEFAULT_MODEL_NAME and key_of(record) == example["request_id"]  # its key as is
+    with pytest.raises(jsonschema.ValidationError):  # the schema does check: no params, no record
+        jsonschema.validate({k: v for k, v in example.items() if k != "params"}, schema)
 
 
 def test_status_moves_forward_and_terminals_share_the_top_rank() -> None:
