@@ -255,14 +255,17 @@ def _not_for_redrive(job: LedgerEntry | None, digest: str, *, is_the_job: bool) 
     if job is None or not (is_the_job or _digest_of(job) == digest):
         return None  # never a job, or another payload under a taken ID: a request of its own
     if not job.terminal:
-        return (f"job {job.request_id} is still {job.status.value}: this dead letter did not end it "
-                "(`inferlog replay` re-publishes an open job)")
+        return (f"job {job.request_id} is still {job.status.value}: no failed result of it is stored (yet); a "
+                "re-drive would run it beside itself (if it stays open, `inferlog replay` re-publishes it)")
     if job.status is not Status.FAILED:
         return f"job {job.request_id} ended {job.status.value}: nothing to run again"
     return None
 
 
 def _digest_of(job: LedgerEntry) -> str | None:
+    """The payload hash the job was claimed with (recomputed only for a row that predates the column)."""
+    if job.payload_hash is not None:
+        return job.payload_hash
     try:
         return payload_hash(RequestRecord.model_validate(json.loads(job.payload))) if job.payload else None
     except (ValidationError, ValueError):
@@ -316,6 +319,9 @@ class DlqRedriveReport:
     deadline_passed: list[str] = field(default_factory=list)
     """New job keys whose original deadline had passed: without --extend-deadline they end ``expired``."""
     already_redriven: list[tuple[str, str]] = field(default_factory=list)
+    redriven_with: list[tuple[str, str, str]] = field(default_factory=list)
+    """(dead letter's position, the position of the one of the same job and payload it was re-driven with,
+    the new job key ("(new)" in a dry run))."""
     failed_again: list[tuple[str, str]] = field(default_factory=list)
     not_redrivable: list[tuple[str, str]] = field(default_factory=list)
 
@@ -324,6 +330,7 @@ class DlqRedriveReport:
             "re-driven as new jobs" if not self.dry_run else "to re-drive": len(self.redriven),
             "  of them past their deadline (end expired)": len(self.deadline_passed),
             "already re-driven": len(self.already_redriven),
+            "re-driven with another dead letter of the same job": len(self.redriven_with),
             "failed again after a re-drive (not re-driven again)": len(self.failed_again),
             "not re-drivable": len(self.not_redrivable),
         }
@@ -333,6 +340,8 @@ class DlqRedriveReport:
                 "redriven": [{"position": p, "original": o, "redriven_as": n} for p, o, n in self.redriven],
                 "deadline_passed": self.deadline_passed,
                 "already_redriven": [{"position": p, "redriven_as": n} for p, n in self.already_redriven],
+                "redriven_with": [{"position": p, "same_job_as": f, "redriven_as": n}
+                                  for p, f, n in self.redriven_with],
                 "failed_again": [{"position": p, "redrive_of": o} for p, o in self.failed_again],
                 "not_redrivable": [{"position": p, "why": w} for p, w in self.not_redrivable]}
 
@@ -374,7 +383,8 @@ async def redrive_letters(ledger: RequestLedger, submitter: Submitter, verdicts:
     for v in todo:
         assert v.record is not None
         if v.same_as is not None:  # the same job and payload as an earlier dead letter: re-driven with it
-            report.already_redriven.append((v.letter.position, became.get(v.same_as.identity, "(new)")))
+            report.redriven_with.append((v.letter.position, v.same_as.position,
+                                         became.get(v.same_as.identity, "(new)")))
             continue
         original = key_of(v.record)
         if dry_run:

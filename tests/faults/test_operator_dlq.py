@@ -83,6 +83,11 @@ async def test_dead_letters_listed_shown_and_redriven_once(make_cluster: MakeClu
         return found if len(found) >= count else None
 
     await eventually(lambda: dead_letters(5), timeout=60, interval=0.5)
+
+    async def refusals_stored() -> bool:  # a job is re-drivable once its failed result is stored, not before
+        return [(await stored(settings, key)).get("status") for key in ("big-ask", "no-model")] == ["failed"] * 2
+
+    await eventually(refusals_stored, timeout=30, interval=0.2)
     listed = run_json(settings, "dlq", "list")
     by_job = {d["request_id"]: d for d in listed["dead_letters"]}
     assert sorted(by_job) == ["big-ask", "broken", "no-model", "orig", "orig-big"], listed

@@ -92,9 +92,10 @@ class FakeLedger:
             return self.reserved[identity], False
         if (original, digest) in self.by_payload:
             return self.by_payload[(original, digest)], False
-        self.reserved[identity] = job_key(None, redrive_id(original.partition("/")[2] or original, 1))
+        n = 1 + sum(1 for (key, _d) in self.by_payload if key == original)  # the next n of this original
+        self.reserved[identity] = job_key(None, redrive_id(original.partition("/")[2] or original, n))
         if "/" in original:
-            self.reserved[identity] = f"{original.partition('/')[0]}/{redrive_id(original.partition('/')[2], 1)}"
+            self.reserved[identity] = f"{original.partition('/')[0]}/{redrive_id(original.partition('/')[2], n)}"
         self.by_payload[(original, digest)] = self.reserved[identity]
         return self.reserved[identity], True
 
@@ -218,10 +219,11 @@ def test_one_job_is_re_driven_once_whatever_number_of_dead_letters_it_left() -> 
     assert [v.state for v in verdicts] == [REDRIVABLE] * 3
     assert verdicts[1].same_as == letters[0] and verdicts[0].same_as is None and verdicts[2].same_as is None
     dry = asyncio.run(redrive_letters(ledger, FakeSubmitter(), verdicts, dry_run=True))  # type: ignore[arg-type]
-    assert len(dry.redriven) == 2 and dry.already_redriven == [("0:1", "(new)")]
+    assert len(dry.redriven) == 2 and dry.redriven_with == [("0:1", "0:0", "(new)")] and dry.already_redriven == []
     submitter = FakeSubmitter()
     report = asyncio.run(redrive_letters(ledger, submitter, verdicts))  # type: ignore[arg-type]
-    assert len(submitter.submitted) == 2 and report.already_redriven == [("0:1", "x.redrive-1")]
+    assert [r.request_id for r in submitter.submitted] == ["x.redrive-1", "x.redrive-2"]  # the other payload's own
+    assert report.redriven_with == [("0:1", "0:0", "x.redrive-1")]
     # A later run (the copy was never reserved itself): the job it re-drives is on the log, so it is re-driven.
     ledger.statuses = {"x.redrive-1": Status.QUEUED}
     later = asyncio.run(assess(ledger, "unused:9092", TOPICS, letters[:2]))  # type: ignore[arg-type]
