@@ -177,6 +177,8 @@ class LedgerEntry:
     created_at: float
     redriven_epoch: str | None = None
     """The broker epoch ``inferlog redrive`` last re-published it into."""
+    payload_hash: str | None = None
+    """``payload_hash`` of the claimed record (what a claim compares: the job's identity beside its key)."""
 
 
 class RequestLedger:
@@ -283,10 +285,11 @@ class RequestLedger:
             raise outcome
         return outcome
 
-    async def mark_published(self, request_id: str, queued_at: float) -> None:
-        """The broker acknowledged the record: the job is queued."""
+    async def mark_published(self, request_id: str | list[str], queued_at: float) -> None:
+        """The broker acknowledged the record (or each of a list): the job is queued."""
+        keys = [request_id] if isinstance(request_id, str) else request_id
         with _translated():
-            await self._pool.execute(_MARK_QUEUED, [request_id], Status.QUEUED.rank, Status.QUEUED.value, queued_at)
+            await self._pool.execute(_MARK_QUEUED, keys, Status.QUEUED.rank, Status.QUEUED.value, queued_at)
 
     async def relay_unpublished(self, publish: Callable[[list[RequestRecord]], Awaitable[None]], *,
                                 older_than_s: float, limit: int = 200) -> int:
@@ -343,11 +346,12 @@ class RequestLedger:
             rows = await self._pool.fetch(
                 "SELECT q.request_id, q.tenant, COALESCE(r.status, q.status) AS status, "
                 f"(r.request_id IS NOT NULL OR q.status_rank >= {TERMINAL_RANK}) AS terminal, q.payload, "
-                "q.deadline_at, extract(epoch FROM q.created_at)::float8 AS created, q.redriven_epoch "
+                "q.deadline_at, extract(epoch FROM q.created_at)::float8 AS created, q.redriven_epoch, q.payload_hash "
                 f"FROM requests q LEFT JOIN results r USING (request_id) WHERE {' AND '.join(clauses)} "
                 "ORDER BY q.created_at, q.request_id", *args)
         return [LedgerEntry(row["request_id"], row["tenant"], Status(row["status"]), row["terminal"], row["payload"],
-                            row["deadline_at"], row["created"], row["redriven_epoch"]) for row in rows]
+                            row["deadline_at"], row["created"], row["redriven_epoch"], row["payload_hash"])
+                for row in rows]
 
     async def mark_republished(self, records: list[RequestRecord], at: float, *, epoch: str | None = None) -> None:
         """An operator's command put these claimed jobs' records back on the log (the broker acknowledged):

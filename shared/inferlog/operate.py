@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
+import math
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import asyncpg
@@ -27,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Column, Table
 
+from inferlog.batchfile import LineError, check_namespace, namespace_of, read_lines
 from inferlog.config import InferlogSettings
 from inferlog.db import connect_pool
 from inferlog.deadletters import (
@@ -35,6 +40,7 @@ from inferlog.deadletters import (
     REDRIVEN,
     VALUE_PREVIEW_CHARS,
     Dlq,
+    Letter,
     LetterFilter,
     Verdict,
     assess,
@@ -48,8 +54,9 @@ from inferlog.epoch import EpochMarker, Prepared, inspect_broker, prepare_broker
 from inferlog.errors import ConfigError, InferlogError
 from inferlog.hot import Keys, Leases, StatusCache
 from inferlog.kafka import make_producer
-from inferlog.ledger import OpenCount, RequestLedger
-from inferlog.messages import Status, now
+from inferlog.ledger import JobView, OpenCount, RequestLedger, key_of
+from inferlog.messages import Priority, Status, now
+from inferlog.models import ModelRegistry
 from inferlog.publishing import Submitter
 from inferlog.rebuild import check_schema, rebuild
 from inferlog.recovery import (
@@ -63,6 +70,7 @@ from inferlog.recovery import (
     redrive,
     replay,
 )
+from inferlog.submitfile import output_line, submit_lines, wait_for
 from inferlog.topics import Topics, ensure_topics
 
 PRODUCE_TIMEOUT_S = 30.0
@@ -88,6 +96,7 @@ def add_commands(sub: Any) -> None:
     cmd.add_argument("--json", action="store_true", help="print the report as JSON")
     cmd.set_defaults(operate="redrive")
     _add_dlq(sub)
+    _add_submit(sub)
     cmd = sub.add_parser("rebuild-store", help="rebuild the result store from the log into a fresh schema, and "
                          "compare it with the live one",
                          description="Replay the requests, events and results topics from their start through the "
@@ -113,6 +122,27 @@ def add_commands(sub: Any) -> None:
     cmd.add_argument("--dry-run", action="store_true", help="list what would be re-published; change nothing")
     cmd.add_argument("--json", action="store_true", help="print the report as JSON")
     cmd.set_defaults(operate="replay")
+
+
+def _add_submit(sub: Any) -> None:
+    cmd = sub.add_parser("submit", help="a JSONL file of requests onto the log, resumably (optionally wait and write "
+                         "the results)", description="Claim and produce one job per line (an inferlog request record "
+                         "or an OpenAI batch line: custom_id, method, url, body), each under the ID "
+                         "<namespace>.<custom_id>. Running the same file again submits nothing twice and finishes "
+                         "what a stopped run left. Bad lines are reported one by one; the others are served. Exit "
+                         "status 0: every line submitted (and, with --wait, finished); 3: some were not.")
+    cmd.add_argument("file", type=Path, help="one JSON object a line")
+    cmd.add_argument("--namespace", default=None, help="the jobs' ID prefix (default: the file's content hash)")
+    cmd.add_argument("--tenant", default=None, help="the tenant the jobs belong to (default: the default tenant)")
+    cmd.add_argument("--priority", choices=[p.value for p in Priority], default=None,
+                     help="every line's tier (default: an inferlog record's own; OpenAI lines: batch)")
+    cmd.add_argument("--rate", type=float, default=None, metavar="R", help="at most R lines a second")
+    cmd.add_argument("--wait", action="store_true", help="then wait until every line's job has ended")
+    cmd.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="with --wait: give up after S seconds")
+    cmd.add_argument("--output", type=Path, default=None, help="with --wait: one result line per input line, in "
+                     "order (OpenAI's batch output format for OpenAI lines)")
+    cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    cmd.set_defaults(operate="submit")
 
 
 def _add_dlq(sub: Any) -> None:
@@ -378,18 +408,17 @@ async def _dlq(args: argparse.Namespace, settings: InferlogSettings) -> int:
                 letter = dlq.find(*shown)
                 if letter is None:
                     raise ConfigError(f"no dead letter at {args.position} (the DLQ holds {dlq.records} records)")
-                letters = [letter]
+                letters = dlq.letters  # judged with the others: a dead letter of a job another one re-drives
             else:
                 chosen = LetterFilter(args.stage, args.reason, args.since)
-                letters = [lt for lt in dlq.letters if chosen.matches(lt)
-                           and (not wanted or (lt.partition, lt.offset) in wanted)]
-                missing = wanted - {(lt.partition, lt.offset) for lt in letters}
+                letters = [lt for lt in dlq.letters if chosen.matches(lt) and (not wanted or _places(lt) & wanted)]
+                missing = wanted - set().union(*(_places(lt) for lt in letters))
                 if missing:
                     raise ConfigError("no dead letter matching the filters at " +
                                       ", ".join(f"{p}:{o}" for p, o in sorted(missing)))
             verdicts = await assess(c.ledger, settings.kafka_bootstrap, c.topics, letters)
             if args.dlq_action == "show":
-                return await _show_letter(args, c.ledger, verdicts[0])
+                return await _show_letter(args, c.ledger, next(v for v in verdicts if v.letter is letter))
             if args.dlq_action == "list":
                 _print_letters(args, dlq, verdicts)
                 return 0
@@ -418,6 +447,11 @@ async def _dlq(args: argparse.Namespace, settings: InferlogSettings) -> int:
         summary.add_row(label, str(count))
     console.print(summary)
     return 0
+
+
+def _places(letter: Letter) -> set[tuple[int, int]]:
+    """Every DLQ position of a dead letter: its first copy's and the later copies'."""
+    return {(letter.partition, letter.offset), *letter.copies_at}
 
 
 def _print_letters(args: argparse.Namespace, dlq: Dlq, verdicts: list[Verdict]) -> None:
@@ -539,4 +573,51 @@ async def _rebuild_store(args: argparse.Namespace, settings: InferlogSettings) -
     return 0 if report.consistent else REBUILD_DIFFERS_EXIT
 
 
-_COMMANDS = {"replay": _replay, "redrive": _redrive, "topics": _topics, "dlq": _dlq, "rebuild-store": _rebuild_store}
+async def _submit(args: argparse.Namespace, settings: InferlogSettings) -> int:
+    if args.output is not None and not args.wait:
+        raise ConfigError("--output needs --wait (the results are written once the jobs have ended)")
+    for name, value in (("--rate", args.rate), ("--timeout", args.timeout)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive number of seconds or lines, not {value}")
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    namespace = check_namespace(args.namespace) if args.namespace is not None else namespace_of(data)
+    lines = read_lines(data, namespace=namespace, known_models=[m.name for m in ModelRegistry(settings)],
+                       default_model=settings.default_model, tenant=args.tenant or None,
+                       priority=Priority(args.priority) if args.priority else None, received_at=now())
+    views: dict[str, JobView] = {}
+    async with _connected(settings) as c:
+        with _Bar() as bar:
+            report = await submit_lines(c.submitter, lines, rate=args.rate, progress=bar)
+            refused = {number: LineError(code, message) for number, code, message in report.errors}
+            jobs = [key_of(ln.record) for ln in lines if ln.record is not None and ln.number not in refused]
+            if args.wait:
+                views = await wait_for(c.ledger, jobs, timeout_s=args.timeout, progress=bar)
+                report.outcomes = dict(Counter(views[k].status.value if k in views and views[k].status.is_terminal()
+                                               else "unfinished" for k in jobs))
+    if args.output is not None:
+        with args.output.open("w") as out:
+            for line in lines:
+                if line.number in refused:
+                    line = dataclasses.replace(line, record=None, error=refused[line.number])
+                view = views.get(key_of(line.record)) if line.record is not None else None
+                out.write(json.dumps(output_line(line, view), ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps({"namespace": namespace, **report.to_json()}, indent=2))
+    else:
+        console = Console(markup=False, emoji=False, soft_wrap=True)
+        for number, code, message in report.errors[:20]:
+            console.print(f"line {number}: {code}: {message}")
+        if len(report.errors) > 20:
+            console.print(f"… and {len(report.errors) - 20} more lines with errors (--json lists them all)")
+        summary = Table("lines", "count", title=f"submit {args.file} (namespace {namespace})", title_justify="left")
+        for label, count in report.counts().items():
+            summary.add_row(label, str(count))
+        console.print(summary)
+    unfinished = report.outcomes.get("unfinished", 0) if args.wait else 0
+    return 3 if report.errors or unfinished else 0
+
+
+_COMMANDS = {"submit": _submit, "replay": _replay, "redrive": _redrive, "topics": _topics, "dlq": _dlq, "rebuild-store": _rebuild_store}

@@ -19,7 +19,7 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from inferlog.errors import StoreUnavailable
+from inferlog.errors import IdempotencyConflict, StoreUnavailable
 from inferlog.kafka import publish_all
 from inferlog.ledger import Claim, RequestLedger, key_of
 from inferlog.messages import RequestRecord, ResultRecord, Status, now
@@ -41,7 +41,7 @@ class Submitter:
         if not claim.created:
             return claim  # the same job again: nothing new to produce or generate
         try:
-            queued_at = await self._publish_queued(record)
+            queued_at = await self._publish_queued([record])
         except (KafkaError, TimeoutError, OSError) as exc:
             log.warning("produce of %s failed (%r): accepted; the outbox relay will publish it",
                         record.request_id, exc)
@@ -56,17 +56,28 @@ class Submitter:
     async def submit_now(self, record: RequestRecord) -> Claim:
         """Claim the job and publish it, raising when the broker refuses (an operator's command, which no
         outbox relay may be behind): a claim an earlier try left unpublished is published now."""
-        claim = await self._ledger.claim(record)
-        if claim.status is not Status.RECEIVED:
-            return claim  # on the log already (published, or further along)
-        await self._ledger.mark_published(claim.request_id, await self._publish_queued(record))
-        return Claim(claim.request_id, created=claim.created, status=Status.QUEUED)
+        [outcome], published = await self.claim_and_publish([record])
+        if isinstance(outcome, IdempotencyConflict):
+            raise outcome
+        return Claim(outcome.request_id, created=outcome.created, status=Status.QUEUED) if published else outcome
 
-    async def _publish_queued(self, record: RequestRecord) -> float:
-        """Produce a claimed job's record stamped ``queued_at`` (returned), within the produce timeout."""
+    async def claim_and_publish(self, records: list[RequestRecord]) -> tuple[list[Claim | IdempotencyConflict], set[str]]:
+        """``submit_now`` for a batch (``inferlog submit``): one claim round trip, one produce of every record
+        still unpublished (new, or claimed by an earlier try that never published), one mark. Returns each
+        record's claim as the ledger answered it (or the conflict it hit), and the job keys this call
+        published. Raises when the broker refuses: the claims stay, and a re-run publishes them."""
+        outcomes = await self._ledger.claim_many(records)
+        due = [r for r, o in zip(records, outcomes, strict=True) if isinstance(o, Claim) and o.status is Status.RECEIVED]
+        if due:
+            queued_at = await self._publish_queued(due)
+            await self._ledger.mark_published([key_of(r) for r in due], queued_at)
+        return outcomes, {key_of(r) for r in due}
+
+    async def _publish_queued(self, records: list[RequestRecord]) -> float:
+        """Produce claimed jobs' records stamped ``queued_at`` (returned), within the produce timeout."""
         queued_at = now()
-        queued = record.model_copy(update={"timings": record.timings.merged(queued_at=queued_at)})
-        await asyncio.wait_for(self.publish([queued]), self._timeout_s)
+        queued = [r.model_copy(update={"timings": r.timings.merged(queued_at=queued_at)}) for r in records]
+        await asyncio.wait_for(self.publish(queued), self._timeout_s + len(queued) * 0.01)
         return queued_at
 
     async def publish_results(self, results: list[ResultRecord]) -> None:

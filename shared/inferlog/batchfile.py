@@ -1,0 +1,220 @@
+"""A file of requests as ``inferlog submit`` reads it: one JSON object a line, each either an inferlog request
+record (``schemas/request.v1.schema.json``) or an OpenAI batch line (``custom_id``, ``method``, ``url``,
+``body``), turned into request records with IDs of their own.
+
+IDs are namespaced (DESIGN.md, contract 3): a line's job is ``<namespace>.<custom_id>`` (an inferlog record's
+``request_id`` is its custom ID; a line with neither is its line number), so two files' ``custom_id: "1"``
+never collide, and the same file submitted again names the same jobs: a re-run submits nothing twice. The
+namespace defaults to the file's content hash. A custom ID outside the ID alphabet is escaped (``~`` and
+two hex digits per UTF-8 byte), and one too long ends in a digest, so every derived ID is a valid client ID
+and distinct custom IDs stay distinct.
+
+Every line is judged alone: a line that is not JSON, neither format, too large, a duplicate custom ID or for
+an unregistered model is an error of that line (``LineError``), and the others are still served.
+``openai_request`` maps an OpenAI request body to a record; the OpenAI front door reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from inferlog.errors import InvalidRequest
+from inferlog.messages import (
+    MAX_REQUEST_ID_LEN,
+    ChatMessage,
+    GenerationParams,
+    Priority,
+    RequestRecord,
+    Timings,
+)
+
+MAX_LINE_BYTES = 1_000_000
+"""The largest line taken: the gateway's default body limit (a record's bytes are bounded before any topic)."""
+OPENAI_DEFAULT_MAX_TOKENS = 256
+OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
+NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_PLAIN = re.compile(r"[A-Za-z0-9._:-]")
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "logit_bias",
+                "audio", "modalities", "prediction")
+
+
+@dataclass(frozen=True)
+class LineError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    number: int
+    """1-based line number in the file."""
+    custom_id: str
+    """The line's own ID: its ``custom_id``, its ``request_id``, or its line number."""
+    openai: bool
+    """An OpenAI batch line (its output line is in OpenAI's batch output format)."""
+    record: RequestRecord | None = None
+    error: LineError | None = None
+
+
+def namespace_of(data: bytes) -> str:
+    """The default namespace of a file: its content's hash (the same file, the same jobs)."""
+    return "f" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def check_namespace(namespace: str) -> str:
+    if not NAMESPACE_PATTERN.match(namespace):
+        raise InvalidRequest(f"namespace {namespace!r} must be 1-64 of A-Z a-z 0-9 . _ : -", param="namespace")
+    return namespace
+
+
+def derived_id(namespace: str, custom_id: str) -> str:
+    """``<namespace>.<custom_id>`` as a client ID: characters outside the alphabet escaped as ``~XX`` per UTF-8
+    byte (``~`` itself too, so escapes never collide with plain text); past 128 characters, the head and a
+    digest of the whole."""
+    escaped = "".join(c if _PLAIN.match(c) else "".join(f"~{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+                      for c in custom_id)
+    full = f"{namespace}.{escaped}"
+    if len(full) <= MAX_REQUEST_ID_LEN:
+        return full
+    digest = hashlib.sha256(custom_id.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    return f"{full[:MAX_REQUEST_ID_LEN - len(digest) - 1]}~{digest}"
+
+
+def read_lines(data: bytes, *, namespace: str, known_models: Iterable[str], default_model: str,
+               tenant: str | None = None, priority: Priority | None = None, received_at: float = 0.0,
+               max_line_bytes: int = MAX_LINE_BYTES) -> list[BatchLine]:
+    """Every non-blank line of the file, judged alone, in file order."""
+    models = set(known_models)
+    seen: dict[str, int] = {}
+    out = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        line = _read_line(number, raw, namespace=namespace, models=models, default_model=default_model,
+                          tenant=tenant, priority=priority, received_at=received_at, max_line_bytes=max_line_bytes)
+        if line.error is None and line.custom_id in seen:
+            line = BatchLine(number, line.custom_id, line.openai, error=LineError(
+                "duplicate_custom_id", f"custom_id {line.custom_id!r} was already used on line "
+                f"{seen[line.custom_id]}: each line needs its own"))
+        elif line.error is None:
+            seen[line.custom_id] = number
+        out.append(line)
+    return out
+
+
+def _read_line(number: int, raw: bytes, *, namespace: str, models: set[str], default_model: str,
+               tenant: str | None, priority: Priority | None, received_at: float,
+               max_line_bytes: int) -> BatchLine:
+    fallback = str(number)
+    if len(raw) > max_line_bytes:
+        return BatchLine(number, fallback, False, error=LineError(
+            "line_too_large", f"the line is {len(raw):,} bytes; the most taken is {max_line_bytes:,}"))
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return BatchLine(number, fallback, False, error=LineError("invalid_json", f"the line is not JSON: {exc}"))
+    if not isinstance(value, dict):
+        return BatchLine(number, fallback, False, error=LineError("invalid_json", "the line is not a JSON object"))
+    openai = "body" in value and "custom_id" in value
+    custom_id = value.get("custom_id") if openai else value.get("request_id", fallback)
+    if not isinstance(custom_id, str) or not custom_id:
+        return BatchLine(number, fallback, openai, error=LineError(
+            "invalid_custom_id", "custom_id / request_id must be a non-empty string"))
+    request_id = derived_id(namespace, custom_id)
+    try:
+        if openai:
+            record = _openai_line(value, request_id, tenant=tenant, default_model=default_model)
+        elif "request_id" in value or "params" in value:
+            record = RequestRecord.model_validate({**value, "request_id": request_id, "tenant": tenant})
+        else:
+            raise InvalidRequest("the line is neither an inferlog request record (request_id, model, params, "
+                                 "messages or prompt) nor an OpenAI batch line (custom_id, body)")
+    except InvalidRequest as exc:
+        return BatchLine(number, custom_id, openai, error=LineError(exc.code or "invalid_value", exc.message))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "the line"
+        return BatchLine(number, custom_id, openai, error=LineError("invalid_request", f"{where}: {first['msg']}"))
+    if record.model not in models:
+        return BatchLine(number, custom_id, openai, error=LineError(
+            "model_not_found", f"model {record.model!r} is not registered (registered: {', '.join(sorted(models))})"))
+    if (record.messages is None) == (record.prompt is None):
+        return BatchLine(number, custom_id, openai, error=LineError(
+            "invalid_request", "give exactly one of 'messages' and 'prompt'"))
+    update: dict[str, Any] = {"timings": Timings(received_at=received_at)}
+    if priority is not None:
+        update["priority"] = priority
+    return BatchLine(number, custom_id, openai, record=record.model_copy(update=update))
+
+
+def _openai_line(value: dict[str, Any], request_id: str, *, tenant: str | None, default_model: str) -> RequestRecord:
+    url = value.get("url", "/v1/chat/completions")
+    if url not in OPENAI_URLS:
+        raise InvalidRequest(f"url {url!r} is not served; use one of {', '.join(OPENAI_URLS)}", param="url")
+    if value.get("method", "POST") != "POST":
+        raise InvalidRequest("method must be POST", param="method")
+    body = value["body"]
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object", param="body")
+    return openai_request(body, request_id=request_id, tenant=tenant, default_model=default_model,
+                          chat=url == "/v1/chat/completions")
+
+
+def openai_request(body: dict[str, Any], *, request_id: str, tenant: str | None, default_model: str,
+                   chat: bool, priority: Priority = Priority.BATCH) -> RequestRecord:
+    """An OpenAI chat completions (``chat``) or completions request body as a request record. Raises
+    InvalidRequest (with the ``param``) for what it cannot serve as asked. Where OpenAI has a default that
+    changes the output, it is OpenAI's: an absent ``temperature`` samples at 1.0."""
+    for name in _UNSUPPORTED:
+        if body.get(name) not in (None, False, []):
+            raise InvalidRequest(f"{name} is not supported", param=name, code="unsupported_parameter")
+    if body.get("n", 1) != 1:
+        raise InvalidRequest("only n = 1 is supported", param="n", code="unsupported_parameter")
+    stop = body.get("stop")
+    params = GenerationParams.model_validate({
+        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or OPENAI_DEFAULT_MAX_TOKENS,
+        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+        "stop": [stop] if isinstance(stop, str) else (stop or []),
+        **({"seed": body["seed"]} if body.get("seed") is not None else {}),
+    })
+    fields: dict[str, Any] = {"request_id": request_id, "model": body.get("model") or default_model,
+                              "params": params, "tenant": tenant, "priority": priority}
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("messages must be a non-empty list", param="messages")
+        fields["messages"] = [_chat_message(m, i) for i, m in enumerate(messages)]
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequest("prompt must be one non-empty string", param="prompt")
+        fields["prompt"] = prompt
+    return RequestRecord.model_validate(fields)
+
+
+def _chat_message(message: Any, index: int) -> ChatMessage:
+    """One OpenAI chat message: ``developer`` is a system message; content as a string or text parts."""
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"messages[{index}] must be an object", param=f"messages.{index}")
+    role = message.get("role")
+    role = "system" if role == "developer" else role
+    content = message.get("content")
+    if isinstance(content, list):
+        if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+            raise InvalidRequest(f"messages[{index}]: only text content parts are supported",
+                                 param=f"messages.{index}.content", code="unsupported_parameter")
+        content = "".join(str(p.get("text", "")) for p in content)
+    if role not in ("system", "user", "assistant") or not isinstance(content, str):
+        raise InvalidRequest(f"messages[{index}] needs a role (system, developer, user, assistant) and text "
+                             "content", param=f"messages.{index}")
+    return ChatMessage.model_validate({"role": role, "content": content})
