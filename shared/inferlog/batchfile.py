@@ -3,11 +3,12 @@ record (``schemas/request.v1.schema.json``) or an OpenAI batch line (``custom_id
 ``body``), turned into request records with IDs of their own.
 
 IDs are namespaced (DESIGN.md, contract 3): a line's job is ``<namespace>.<custom_id>`` (an inferlog record's
-``request_id`` is its custom ID; a line with neither is its line number), so two files' ``custom_id: "1"``
-never collide, and the same file submitted again names the same jobs: a re-run submits nothing twice. The
-namespace defaults to the file's content hash. A custom ID outside the ID alphabet is escaped (``~`` and
-two hex digits per UTF-8 byte), and one too long ends in a digest, so every derived ID is a valid client ID
-and distinct custom IDs stay distinct.
+``request_id`` is its custom ID; a record with none is ``<namespace>.~~L<line number>``), so two files'
+``custom_id: "1"`` never collide, and the same file submitted again names the same jobs: a re-run submits
+nothing twice. The namespace defaults to the file's content hash and holds no ``.``, so where it ends is
+never in doubt. A custom ID outside the ID alphabet is escaped (``~`` and two hex digits per UTF-8 byte,
+``~`` itself included), and one too long ends in ``~~`` and a digest: ``~~`` never comes out of an escape,
+so every derived ID is a valid client ID and distinct custom IDs stay distinct.
 
 Every line is judged alone: a line that is not JSON, neither format, too large, a duplicate custom ID or for
 an unregistered model is an error of that line (``LineError``), and the others are still served.
@@ -39,10 +40,11 @@ MAX_LINE_BYTES = 1_000_000
 """The largest line taken: the gateway's default body limit (a record's bytes are bounded before any topic)."""
 OPENAI_DEFAULT_MAX_TOKENS = 256
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
-NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_:-]{1,64}$")
 _PLAIN = re.compile(r"[A-Za-z0-9._:-]")
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "logit_bias",
-                "audio", "modalities", "prediction")
+                "audio", "modalities", "prediction", "frequency_penalty", "presence_penalty")
+"""OpenAI parameters that change the output and are not served: refused per line unless absent or neutral."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ def namespace_of(data: bytes) -> str:
 
 def check_namespace(namespace: str) -> str:
     if not NAMESPACE_PATTERN.match(namespace):
-        raise InvalidRequest(f"namespace {namespace!r} must be 1-64 of A-Z a-z 0-9 . _ : -", param="namespace")
+        raise InvalidRequest(f"namespace {namespace!r} must be 1-64 of A-Z a-z 0-9 _ : - (no '.': it ends the "
+                             "namespace in every job's ID)", param="namespace")
     return namespace
 
 
@@ -84,7 +87,7 @@ def derived_id(namespace: str, custom_id: str) -> str:
     if len(full) <= MAX_REQUEST_ID_LEN:
         return full
     digest = hashlib.sha256(custom_id.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-    return f"{full[:MAX_REQUEST_ID_LEN - len(digest) - 1]}~{digest}"
+    return f"{full[:MAX_REQUEST_ID_LEN - len(digest) - 2]}~~{digest}"
 
 
 def read_lines(data: bytes, *, namespace: str, known_models: Iterable[str], default_model: str,
@@ -94,17 +97,20 @@ def read_lines(data: bytes, *, namespace: str, known_models: Iterable[str], defa
     models = set(known_models)
     seen: dict[str, int] = {}
     out = []
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
+        data = data[3:]
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
         line = _read_line(number, raw, namespace=namespace, models=models, default_model=default_model,
                           tenant=tenant, priority=priority, received_at=received_at, max_line_bytes=max_line_bytes)
-        if line.error is None and line.custom_id in seen:
+        job = line.record.request_id if line.record is not None else None
+        if job is not None and job in seen:
             line = BatchLine(number, line.custom_id, line.openai, error=LineError(
                 "duplicate_custom_id", f"custom_id {line.custom_id!r} was already used on line "
-                f"{seen[line.custom_id]}: each line needs its own"))
-        elif line.error is None:
-            seen[line.custom_id] = number
+                f"{seen[job]}: each line needs its own"))
+        elif job is not None:
+            seen[job] = number
         out.append(line)
     return out
 
@@ -124,15 +130,17 @@ def _read_line(number: int, raw: bytes, *, namespace: str, models: set[str], def
         return BatchLine(number, fallback, False, error=LineError("invalid_json", "the line is not a JSON object"))
     openai = "body" in value and "custom_id" in value
     custom_id = value.get("custom_id") if openai else value.get("request_id", fallback)
-    if not isinstance(custom_id, str) or not custom_id:
+    if not isinstance(custom_id, str) or not custom_id or not _is_utf8(custom_id):
         return BatchLine(number, fallback, openai, error=LineError(
-            "invalid_custom_id", "custom_id / request_id must be a non-empty string"))
-    request_id = derived_id(namespace, custom_id)
+            "invalid_custom_id", "custom_id / request_id must be a non-empty string of valid Unicode"))
+    named = openai or "request_id" in value
+    request_id = derived_id(namespace, custom_id) if named else f"{namespace}.~~L{number}"
     try:
         if openai:
             record = _openai_line(value, request_id, tenant=tenant, default_model=default_model)
         elif "request_id" in value or "params" in value:
-            record = RequestRecord.model_validate({**value, "request_id": request_id, "tenant": tenant})
+            owner = tenant if tenant is not None else value.get("tenant")  # a record's own tenant, unless told
+            record = RequestRecord.model_validate({**value, "request_id": request_id, "tenant": owner})
         else:
             raise InvalidRequest("the line is neither an inferlog request record (request_id, model, params, "
                                  "messages or prompt) nor an OpenAI batch line (custom_id, body)")
@@ -148,6 +156,11 @@ def _read_line(number: int, raw: bytes, *, namespace: str, models: set[str], def
     if (record.messages is None) == (record.prompt is None):
         return BatchLine(number, custom_id, openai, error=LineError(
             "invalid_request", "give exactly one of 'messages' and 'prompt'"))
+    try:  # what no record can carry (a lone UTF-16 surrogate in the text) is this line's error, not the run's
+        record.model_dump_json()
+    except ValueError as exc:
+        return BatchLine(number, custom_id, openai, error=LineError("invalid_encoding", f"the line's text cannot "
+                                                                    f"be carried: {exc}"))
     update: dict[str, Any] = {"timings": Timings(received_at=received_at)}
     if priority is not None:
         update["priority"] = priority
@@ -173,13 +186,17 @@ def openai_request(body: dict[str, Any], *, request_id: str, tenant: str | None,
     InvalidRequest (with the ``param``) for what it cannot serve as asked. Where OpenAI has a default that
     changes the output, it is OpenAI's: an absent ``temperature`` samples at 1.0."""
     for name in _UNSUPPORTED:
-        if body.get(name) not in (None, False, []):
+        if body.get(name) not in (None, False, [], 0):
             raise InvalidRequest(f"{name} is not supported", param=name, code="unsupported_parameter")
-    if body.get("n", 1) != 1:
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise InvalidRequest("only text output is supported", param="response_format", code="unsupported_parameter")
+    if body.get("n") not in (None, 1):
         raise InvalidRequest("only n = 1 is supported", param="n", code="unsupported_parameter")
     stop = body.get("stop")
+    limit = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None),
+                 OPENAI_DEFAULT_MAX_TOKENS)
     params = GenerationParams.model_validate({
-        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or OPENAI_DEFAULT_MAX_TOKENS,
+        "max_tokens": limit,
         "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
         "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
         "stop": [stop] if isinstance(stop, str) else (stop or []),
@@ -200,6 +217,14 @@ def openai_request(body: dict[str, Any], *, request_id: str, tenant: str | None,
             raise InvalidRequest("prompt must be one non-empty string", param="prompt")
         fields["prompt"] = prompt
     return RequestRecord.model_validate(fields)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _chat_message(message: Any, index: int) -> ChatMessage:

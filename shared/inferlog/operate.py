@@ -583,6 +583,11 @@ async def _submit(args: argparse.Namespace, settings: InferlogSettings) -> int:
         data = args.file.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    if args.output is not None:  # found now, not after the wait
+        try:
+            args.output.open("a").close()
+        except OSError as exc:
+            raise ConfigError(f"cannot write {args.output}: {exc.strerror or exc}") from None
     namespace = check_namespace(args.namespace) if args.namespace is not None else namespace_of(data)
     lines = read_lines(data, namespace=namespace, known_models=[m.name for m in ModelRegistry(settings)],
                        default_model=settings.default_model, tenant=args.tenant or None,
@@ -603,7 +608,7 @@ async def _submit(args: argparse.Namespace, settings: InferlogSettings) -> int:
                 if line.number in refused:
                     line = dataclasses.replace(line, record=None, error=refused[line.number])
                 view = views.get(key_of(line.record)) if line.record is not None else None
-                out.write(json.dumps(output_line(line, view), ensure_ascii=False) + "\n")
+                out.write(json.dumps(output_line(line, view)) + "\n")
     if args.json:
         print(json.dumps({"namespace": namespace, **report.to_json()}, indent=2))
     else:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from inferlog import broker
 from inferlog.config import InferlogSettings
 from tests.conftest import free_port, settings_env
+from tests.faults.conftest import make_cluster  # noqa: F401 - the pipeline as processes, for the e2e tests too
 
 
 @dataclass

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from tests.conftest import TINY, drop_schema, free_port, make_settings
-from tests.faults.conftest import start_pipeline
-from tests.faults.harness import Cluster, check, describe
+from tests.conftest import TINY
+from tests.faults.conftest import MakeCluster, start_pipeline
+from tests.faults.harness import check, describe
 
 pytestmark = pytest.mark.e2e
 
@@ -40,35 +40,30 @@ def _produce(bootstrap: str, topic: str, records: list[dict[str, Any]]) -> list[
 
 
 async def test_a_third_party_producer_writes_the_example_and_polls_the_results(
-        run_id: str, tiny_dir: Path, tmp_path: Path) -> None:
-    settings = make_settings(run_id, f"127.0.0.1:{free_port()}", tiny_dir, suffix="direct", with_smollm2=False)
-    cluster = Cluster(settings, tmp_path)
-    try:
-        await cluster.start_infra()
-        start_pipeline(cluster)
-        await cluster.wait_ready()
-        example = json.loads(EXAMPLE.read_text())
-        # Fresh IDs; the stack under test serves the tiny model in place of the example's default one.
-        records = [{**example, "request_id": f"{example['request_id']}.{run_id}.{i}", "model": TINY}
-                   for i in range(JOBS)]
-        ids = [r["request_id"] for r in records]
-        errors = await asyncio.to_thread(_produce, settings.kafka_bootstrap, cluster.topics.requests,
-                                         records + records[:2])  # two produced twice, as a retry would
-        assert errors == []
-        async with httpx.AsyncClient(base_url=cluster.url, timeout=40) as http:
-            polled = {}
-            for rid in ids:
-                for _ in range(6):
-                    response = await http.get(f"/v1/requests/{rid}", params={"wait": 30})
-                    if response.status_code == 200 and response.json()["status"] == "completed":
-                        break
-                    await asyncio.sleep(0.5)  # a 404 until the tokenizer has claimed it
-                polled[rid] = response.json()
-        assert {rid: p["status"] for rid, p in polled.items()} == {rid: "completed" for rid in ids}, polled
-        assert all(p["result"]["usage"]["completion_tokens"] > 0 and p["model"] == TINY for p in polled.values())
-        report = await check(settings, ids)
-        assert report.lost == [] and report.conflicting == [], describe(report)
-        assert report.generations_by_id == {rid: 1 for rid in ids}, describe(report)  # the retries ran nothing
-    finally:
-        await cluster.close()
-        await drop_schema(settings.postgres_schema)
+        make_cluster: MakeCluster, run_id: str) -> None:
+    cluster = await make_cluster("direct")
+    settings = cluster.settings
+    start_pipeline(cluster)
+    await cluster.wait_ready()
+    example = json.loads(EXAMPLE.read_text())
+    # Fresh IDs; the stack under test serves the tiny model in place of the example's default one.
+    records = [{**example, "request_id": f"{example['request_id']}.{run_id}.{i}", "model": TINY}
+               for i in range(JOBS)]
+    ids = [r["request_id"] for r in records]
+    errors = await asyncio.to_thread(_produce, settings.kafka_bootstrap, cluster.topics.requests,
+                                     records + records[:2])  # two produced twice, as a retry would
+    assert errors == []
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=40) as http:
+        polled = {}
+        for rid in ids:
+            for _ in range(6):
+                response = await http.get(f"/v1/requests/{rid}", params={"wait": 30})
+                if response.status_code == 200 and response.json()["status"] == "completed":
+                    break
+                await asyncio.sleep(0.5)  # a 404 until the tokenizer has claimed it
+            polled[rid] = response.json()
+    assert {rid: p["status"] for rid, p in polled.items()} == {rid: "completed" for rid in ids}, polled
+    assert all(p["result"]["usage"]["completion_tokens"] > 0 and p["model"] == TINY for p in polled.values())
+    report = await check(settings, ids)
+    assert report.lost == [] and report.conflicting == [], describe(report)
+    assert report.generations_by_id == {rid: 1 for rid in ids}, describe(report)  # the retries ran nothing

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from inferlog.batchfile import derived_id, namespace_of, openai_request, read_lines
+from inferlog.batchfile import check_namespace, derived_id, namespace_of, openai_request, read_lines
 from inferlog.errors import InvalidRequest
 from inferlog.identity import is_client_id
 from inferlog.ledger import JobView
@@ -104,3 +104,33 @@ def test_output_lines_in_openai_batch_format_or_the_jobs_outcome() -> None:
     assert mine["request_id"] == "ns.p" and mine["status"] == "completed" and mine["result"]["text"] == "t"
     broken = output_line(bad, None)
     assert broken["error"]["code"] == "invalid_json" and broken["error"]["line"] == 3 and broken["result"] is None
+
+
+def test_what_a_review_found_stays_fixed() -> None:
+    # A digest-path ID and a short custom_id that spells the same text, and a record with no ID beside one
+    # whose ID is its line number: four lines, four jobs.
+    long = "a" * 200 + "26"
+    digest = derived_id("ns", long)
+    assert "~~" in digest and derived_id("ns", digest[3:]) != digest
+    got = read(lines({"request_id": "3", "model": "m", "params": {"max_tokens": 1}, "prompt": "x"},
+                     openai(long), {"model": "m", "params": {"max_tokens": 1}, "prompt": "no id"},
+                     openai(digest[3:])))
+    assert [g.error for g in got] == [None] * 4 and len({g.record.request_id for g in got}) == 4
+    assert got[2].record.request_id == "ns.~~L3"
+    # A lone surrogate in a prompt or a custom_id is that line's error, never the run's.
+    bad = read(lines({"request_id": "s", "model": "m", "params": {"max_tokens": 1}, "prompt": "x\ud800"},
+                     {**openai("ok"), "custom_id": "c\ud800"}, openai("fine")))
+    assert [g.error.code if g.error else None for g in bad] == ["invalid_encoding", "invalid_custom_id", None]
+    # A record's own tenant stands unless --tenant says otherwise; a namespace holds no '.'.
+    record = {"request_id": "t", "tenant": "acme", "model": "m", "params": {"max_tokens": 1}, "prompt": "x"}
+    assert read(lines(record))[0].record.tenant == "acme"
+    assert read(lines(record), tenant="other")[0].record.tenant == "other"
+    with pytest.raises(InvalidRequest, match="namespace"):
+        check_namespace("batch.1")
+    # OpenAI: max_tokens 0 is refused (not silently 256), n null is 1, JSON mode and penalties are refused.
+    codes = [g.error.code if g.error else None for g in read(lines(
+        openai("z", max_tokens=0), openai("n", n=None), openai("j", response_format={"type": "json_object"}),
+        openai("p", presence_penalty=0.5), openai("q", presence_penalty=0)))]
+    assert codes == ["invalid_request", None, "unsupported_parameter", "unsupported_parameter", None], codes
+    # A byte-order mark before the first line is not part of it.
+    assert read(b"\xef\xbb\xbf" + lines(openai("bom")))[0].error is None
