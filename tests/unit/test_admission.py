@@ -38,3 +38,35 @@ def test_fits_ever_and_discard() -> None:
     adm.offer("a", 10, Priority.BATCH, "a")
     assert adm.discard_waiting("a") and not adm.discard_waiting("a")
     assert adm.waiting == 0
+
+
+def test_batch_fills_only_what_interactive_does_not_keep() -> None:
+    adm: KvAdmission[str] = KvAdmission(Capacity(kv_tokens=100, max_running=4, interactive_slots=1,
+                                                 interactive_kv_tokens=30))
+    for i in range(5):
+        adm.offer(f"b{i}", 10, Priority.BATCH, f"b{i}")
+    assert adm.admit_ready() == ["b0", "b1", "b2"]  # the fourth slot is interactive's
+    assert adm.wants(Priority.INTERACTIVE) and not adm.wants(Priority.BATCH)
+    assert adm.room(Priority.INTERACTIVE) == 1 and adm.room(Priority.BATCH) == 0
+    adm.offer("i", 50, Priority.INTERACTIVE, "i")
+    assert adm.admit_ready() == ["i"]  # and the cache batch left it
+    adm.release("b0")
+    assert adm.admit_ready() == ["b3"]  # a batch slot freed: batch goes on beside the interactive request
+    adm.release("i")
+    assert adm.admit_ready() == []  # batch holds its 3 slots: the freed one stays interactive's
+
+
+def test_batch_keeps_off_interactive_kv_share_but_a_big_one_runs_alone() -> None:
+    adm: KvAdmission[str] = KvAdmission(Capacity(kv_tokens=100, max_running=8, interactive_slots=0,
+                                                 interactive_kv_tokens=40))
+    for name in ("b0", "b1"):
+        adm.offer(name, 35, Priority.BATCH, name)
+    assert adm.admit_ready() == ["b0"]  # b1 would take batch past its 60 tokens
+    adm.offer("i", 40, Priority.INTERACTIVE, "i")
+    assert adm.admit_ready() == ["i"]  # the cache batch left free
+    for name in ("b0", "i"):
+        adm.release(name)
+    assert adm.admit_ready() == ["b1"]
+    adm.release("b1")
+    adm.offer("big", 90, Priority.BATCH, "big")  # more than batch's share, less than the cache: alone, it runs
+    assert adm.admit_ready() == ["big"]

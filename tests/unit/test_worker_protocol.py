@@ -22,6 +22,7 @@ from inferlog.messages import (
     DispatchFacts,
     EventRecord,
     GenerationParams,
+    Priority,
     ResultRecord,
     Status,
     TokenizedRecord,
@@ -59,7 +60,7 @@ class FakeConsumer:
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     def pause_all(self) -> None: ...
-    def resume_all(self) -> None: ...
+    def resume_only(self, topics: set[str]) -> None: ...
 
     async def fetch(self, max_records: int, timeout_ms: int = 50) -> list[Any]:
         if not self.pending:
@@ -611,3 +612,60 @@ async def test_deltas_go_out_as_they_come_and_a_flush_in_flight_at_shutdown_is_n
     asyncio.get_running_loop().call_later(0.3, deltas.gate.set)  # the slow round trip answers after the stop
     await asyncio.wait_for(running, timeout=10)
     assert deltas.sent == [("a", {"d": "one"}), ("a", {"d": " two"})], "a delta was lost or reordered on the way out"
+
+
+class TwoTierConsumer(FakeConsumer):
+    """Both tiers, a partition each: a fetch returns only what the resumed topics hold (as paused partitions
+    are polled but not fetched)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tiers: dict[str, list[Any]] = {TOPICS.tokenized_interactive: [], TOPICS.tokenized_batch: []}
+        self.resumed = set(self.tiers)
+
+    def pause_all(self) -> None:
+        self.resumed = set()
+
+    def resume_only(self, topics: set[str]) -> None:
+        self.resumed = set(topics)
+
+    async def fetch(self, max_records: int, timeout_ms: int = 50) -> list[Any]:
+        batch: list[Any] = []
+        for topic, queue in self.tiers.items():
+            if topic in self.resumed:
+                taken = queue[:max_records - len(batch)]
+                del queue[:len(taken)]
+                batch += taken
+        if not batch:
+            await asyncio.sleep(timeout_ms / 1000)
+        return batch
+
+
+def _tiered(request_id: str, offset: int, priority: Priority) -> Any:
+    record = TokenizedRecord(request_id=request_id, model="m", input_ids=[1, 2, 3], priority=priority,
+                             params=GenerationParams(max_tokens=8))
+    return SimpleNamespace(topic=TOPICS.tokenized(priority), partition=0, offset=offset, key=request_id.encode(),
+                           value=record.model_dump_json().encode())
+
+
+async def test_a_batch_backlog_leaves_interactive_slots_and_interactive_records_are_still_fetched() -> None:
+    r = rig()
+    consumer = TwoTierConsumer()
+    r.worker._consumer = consumer
+    r.worker._admission = KvAdmission(Capacity(10_000, 4, interactive_slots=1, interactive_kv_tokens=100))
+    consumer.tiers[TOPICS.tokenized_batch] = [_tiered(f"b{i}", i, Priority.BATCH) for i in range(10)]
+    stop = asyncio.Event()
+    running = asyncio.create_task(r.worker.run(stop))
+    await asyncio.sleep(1)
+    assert sorted(r.runner.submitted) == ["b0", "b1", "b2"], "batch work took a slot kept for interactive"
+    assert TOPICS.tokenized_batch not in consumer.resumed and TOPICS.tokenized_interactive in consumer.resumed
+    consumer.tiers[TOPICS.tokenized_interactive].append(_tiered("i0", 0, Priority.INTERACTIVE))
+    await asyncio.sleep(1)
+    assert r.runner.submitted[-1] == "i0", "an interactive request waited behind the batch backlog"
+    r.runner.finish("b0")
+    await asyncio.sleep(1)
+    assert r.runner.submitted[-1] == "b3"  # the batch backlog goes on as room frees
+    stop.set()
+    for request_id in list(r.runner.live):
+        r.runner.finish(request_id)
+    await asyncio.wait_for(running, timeout=30)

@@ -75,10 +75,17 @@ class TierConsumer(ConsumerRebalanceListener):
         if assigned - set(self._consumer.paused()):
             self._consumer.pause(*assigned)
 
-    def resume_all(self) -> None:
-        paused = self._consumer.paused()
-        if paused:
-            self._consumer.resume(*paused)
+    def resume_only(self, topics: set[str]) -> None:
+        """Fetch from these topics' partitions only (a tier with no room stays paused: still polled, so
+        heartbeats and rebalances go on, but nothing of it is fetched)."""
+        assigned = self.assignment()
+        paused = set(self._consumer.paused())
+        stop = {tp for tp in assigned if tp.topic not in topics} - paused
+        go = {tp for tp in assigned if tp.topic in topics} & paused
+        if stop:
+            self._consumer.pause(*stop)
+        if go:
+            self._consumer.resume(*go)
 
     # ConsumerRebalanceListener
 

@@ -30,6 +30,7 @@ from inferlog.messages import (
     DispatchFacts,
     ErrorInfo,
     EventRecord,
+    Priority,
     ResultRecord,
     Status,
     TokenizedRecord,
@@ -168,10 +169,10 @@ class GpuWorker:
             self._report_load_forever(), self._watch_engine_forever())]
         try:
             while not stop.is_set() and self._runner.failure is None:
-                if self._admission.has_room():
-                    self._consumer.resume_all()
-                    room = self._admission.capacity.max_running - self._admission.running
-                    fetched = await self._consumer.fetch(room)
+                wanted = [p for p in Priority if self._admission.wants(p)]
+                if wanted:  # interactive records are still fetched while batch work waits for room
+                    self._consumer.resume_only({self._topics.tokenized(p) for p in wanted})
+                    fetched = await self._consumer.fetch(max(self._admission.room(p) for p in wanted))
                     suspects = await self._suspects_among(fetched)
                     for record in fetched:
                         await self._triage(record, suspects)

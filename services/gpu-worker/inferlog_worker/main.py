@@ -59,6 +59,13 @@ async def warm_up(runner: ModelRunner, batch: int) -> None:
         raise RuntimeError(f"warm-up generation failed: {failed[0]}")
 
 
+def capacity_of(settings: WorkerSettings) -> Capacity:
+    """What the worker admits: its KV cache in tokens and its slots, with interactive's share of both."""
+    kv_tokens = settings.num_blocks * settings.page_size
+    return Capacity(kv_tokens, settings.max_running, interactive_slots=int(settings.max_running * settings.interactive_share),
+                    interactive_kv_tokens=int(kv_tokens * settings.interactive_share))
+
+
 def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | None,
                  ledger: RequestLedger | None = None) -> GpuWorker:
     common = settings.common
@@ -76,7 +83,7 @@ def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | N
     worker = GpuWorker(
         worker_id=settings.worker_id, runner=runner, consumer=tier,
         publisher=KafkaPublisher(make_producer(common.kafka_bootstrap)), topics=topics,
-        admission=KvAdmission(Capacity(settings.num_blocks * settings.page_size, settings.max_running)),
+        admission=KvAdmission(capacity_of(settings)),
         load=LoadReporter(redis, common.redis_prefix, settings.load_ttl_s) if redis is not None else None,
         load_interval_s=settings.load_interval_s, shutdown_grace_s=settings.shutdown_grace_s, side=side,
         watch_interval_s=settings.watch_interval_s, engine_watchdog_s=settings.engine_watchdog_s,

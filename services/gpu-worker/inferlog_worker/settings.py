@@ -34,6 +34,9 @@ class WorkerSettings(BaseSettings):
     """Most tokens (prefill + decode) in one forward pass."""
     max_running: int = Field(default=16, ge=1, le=1024)
     """Most requests admitted (generating) at once."""
+    interactive_share: float = Field(default=0.25, ge=0.0, le=0.9)
+    """The share of ``max_running`` slots and of the KV cache that batch work never takes (rounded down), so
+    interactive requests start at once beside a batch backlog (nothing is preempted)."""
     threads: int | None = Field(default=None, ge=1)
     """torch's intra-op threads for the model; default: the CPUs this process may run on (its affinity,
     which ``taskset`` or a container's cpuset narrows), not the machine's count."""
