@@ -67,7 +67,13 @@ class InferlogSettings(BaseSettings):
     default_model: str = DEFAULT_MODEL_NAME
     """The model used when a request names none."""
     max_in_flight: int = Field(default=10_000, ge=1)
-    """Accepted-but-not-terminal requests above which the gateway answers 429 (the batch tier earlier)."""
+    """Interactive accepted-but-not-terminal requests above which an interactive submit gets 429."""
+    tenant_max_in_flight: int = Field(default=1_000, ge=1)
+    """Each tenant's accepted-but-not-terminal requests of one tier above which its submits of that tier get
+    429 (``inferlog submit`` feeds a file in as they finish instead)."""
+    batch_share: float = Field(default=0.8, gt=0, le=1)
+    """The batch tier is refused (``inferlog submit`` waits) once everything in flight, both tiers, reaches
+    this share of ``max_in_flight``: batch is shed first."""
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "inferlog")
     """Where prepared (converted) models are kept."""
 

@@ -159,6 +159,8 @@ class OpenCount:
     """Those that can still finish: on the current broker epoch's log, in the outbox, or running."""
     awaiting_redrive: int
     """Those whose records only an earlier broker epoch's log held: they wait for ``inferlog redrive``."""
+    batch: int = 0
+    """Of ``in_flight``, the batch tier's (the rest are interactive: a row with no priority counts there)."""
 
 
 @dataclass(frozen=True)
@@ -552,12 +554,13 @@ class RequestLedger:
                 "WITH latest AS (SELECT epoch, written_at FROM broker_epochs "
                 "                ORDER BY recorded_at DESC, written_at DESC LIMIT 1), "
                 "open AS (SELECT (l.epoch IS NOT NULL AND q.created_at < to_timestamp(l.written_at) "
-                "                 AND q.redriven_epoch IS DISTINCT FROM l.epoch) AS stranded "
+                "                 AND q.redriven_epoch IS DISTINCT FROM l.epoch) AS stranded, "
+                "                 q.priority IS NOT DISTINCT FROM 'batch' AS batch "
                 f"        FROM requests q LEFT JOIN latest l ON true WHERE q.status_rank < {TERMINAL_RANK} "
                 f"        {tenant_clause}) "
-                "SELECT count(*) FILTER (WHERE NOT stranded) AS live, count(*) FILTER (WHERE stranded) AS stranded "
-                "FROM open", *(() if tenant is None else (tenant,)))
-        return OpenCount(int(row["live"]), int(row["stranded"]))
+                "SELECT count(*) FILTER (WHERE NOT stranded) AS live, count(*) FILTER (WHERE stranded) AS stranded, "
+                "count(*) FILTER (WHERE NOT stranded AND batch) AS batch FROM open", *(() if tenant is None else (tenant,)))
+        return OpenCount(int(row["live"]), int(row["stranded"]), int(row["batch"]))
 
     async def recent_throughput(self, window_s: float = 60.0) -> tuple[float, float]:
         """(output tokens per second, mean output tokens per request) over the last ``window_s``."""

@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Column, Table
 
+from inferlog.admission import Admission, Limits
 from inferlog.batchfile import LineError, check_namespace, namespace_of, read_lines
 from inferlog.config import InferlogSettings
 from inferlog.db import connect_pool
@@ -595,7 +596,8 @@ async def _submit(args: argparse.Namespace, settings: InferlogSettings) -> int:
     views: dict[str, JobView] = {}
     async with _connected(settings) as c:
         with _Bar() as bar:
-            report = await submit_lines(c.submitter, lines, rate=args.rate, progress=bar)
+            admission = Admission(c.ledger, Limits.from_settings(settings))
+            report = await submit_lines(c.submitter, lines, rate=args.rate, admission=admission, progress=bar)
             refused = {number: LineError(code, message) for number, code, message in report.errors}
             jobs = [key_of(ln.record) for ln in lines if ln.record is not None and ln.number not in refused]
             if args.wait:

@@ -1,6 +1,8 @@
 """``inferlog submit FILE.jsonl``: a file of requests onto the log, line by line, durably and resumably.
 
-Each good line (``inferlog.batchfile``) is claimed in the ledger and produced with the gateway's code
+Each good line (``inferlog.batchfile``) is admitted by the gateway's admission module (``inferlog.admission``:
+the file is fed in as room frees in its tier, never refused, so a large file neither 429s interactive
+clients nor is cut short by a tenant's limit), then claimed in the ledger and produced with the gateway's code
 (``Submitter.claim_and_publish``: claim, produce, mark published; no outbox relay need be running, so a claim
 an earlier run left unpublished is published by this one). Claims are keyed by the line's derived ID, so
 running the same file again submits nothing twice: lines already claimed are counted, not sent. With
@@ -17,10 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from inferlog.admission import Admission
 from inferlog.batchfile import BatchLine
 from inferlog.errors import IdempotencyConflict
 from inferlog.ledger import JobView, RequestLedger, key_of
-from inferlog.messages import Status
+from inferlog.messages import Priority, Status
 from inferlog.publishing import Submitter
 from inferlog.recovery import Progress
 
@@ -52,17 +55,24 @@ class SubmitReport:
 
 
 async def submit_lines(submitter: Submitter, lines: list[BatchLine], *, rate: float | None = None,
+                       admission: Admission | None = None, room_poll_s: float = 1.0,
                        progress: Progress | None = None) -> SubmitReport:
-    """Claim and produce every good line, ``CHUNK`` at a time, at most ``rate`` lines a second."""
+    """Claim and produce every good line in file order, ``CHUNK`` at a time, at most ``rate`` lines a second,
+    each only once ``admission`` has room for it in its tier (and tenant): waiting, never refused."""
     tell = progress or (lambda _phase, _n, _total: None)
     report = SubmitReport(lines=len(lines))
     report.errors = [(ln.number, ln.error.code, ln.error.message) for ln in lines if ln.error is not None]
     good = [ln for ln in lines if ln.record is not None]
-    started = time.monotonic()
-    for i in range(0, len(good), CHUNK):
-        chunk = good[i:i + CHUNK]
+    started, sent = time.monotonic(), 0
+    while sent < len(good):
+        chunk = await _admitted(admission, good[sent:sent + CHUNK])
+        if not chunk:  # the tier is full: wait for room to free, as a client would after a 429
+            tell("waiting for room", 0, None)
+            await asyncio.sleep(room_poll_s)
+            continue
         if rate:  # paced by the lines sent so far, not by a sleep per chunk
-            await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
+            await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
+        sent += len(chunk)
         outcomes, published = await submitter.claim_and_publish([ln.record for ln in chunk if ln.record is not None])
         for line, outcome in zip(chunk, outcomes, strict=True):
             if isinstance(outcome, IdempotencyConflict):
@@ -70,11 +80,32 @@ async def submit_lines(submitter: Submitter, lines: list[BatchLine], *, rate: fl
                                       f"{outcome.message} (the file changed under the same namespace?)"))
             elif outcome.created or outcome.request_id in published:
                 report.submitted.append(outcome.request_id)
+                if admission is not None and outcome.created and line.record is not None:
+                    admission.accepted(line.record.tenant, line.record.priority)
             else:
                 report.already.append(outcome.request_id)
         tell("submitting", len(chunk), len(good))
     report.errors.sort()
     return report
+
+
+async def _admitted(admission: Admission | None, lines: list[BatchLine]) -> list[BatchLine]:
+    """The leading lines admission has room for, in file order (a line whose tier is full stops the chunk:
+    no later line overtakes it)."""
+    if admission is None:
+        return lines
+    room: dict[tuple[str | None, Priority], int] = {}
+    taken = []
+    for line in lines:
+        assert line.record is not None
+        key = (line.record.tenant, line.record.priority)
+        if key not in room:
+            room[key] = await admission.room(*key)
+        if room[key] < 1:
+            break
+        room[key] -= 1
+        taken.append(line)
+    return taken
 
 
 async def wait_for(ledger: RequestLedger, keys: list[str], *, timeout_s: float, poll_s: float = 1.0,

@@ -27,7 +27,7 @@ CHAT = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 async def client(settings: InferlogSettings) -> AsyncIterator[httpx.AsyncClient]:
     common = settings.model_copy(update={"max_in_flight": 10_000})
-    app = create_app(GatewaySettings(common=common, api_keys=KEYS, tenant_max_in_flight=4))
+    app = create_app(GatewaySettings(common=common.model_copy(update={"tenant_max_in_flight": 4}), api_keys=KEYS))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
             yield http
@@ -97,10 +97,14 @@ async def test_usage_sums_the_tenants_results(client: httpx.AsyncClient, setting
 async def test_batch_tier_is_shed_before_interactive(settings: InferlogSettings) -> None:
     conn = await connect_to_schema(settings)
     open_now = int(await conn.fetchval("SELECT count(*) FROM requests WHERE status_rank < 100"))
+    batch_now = int(await conn.fetchval("SELECT count(*) FROM requests WHERE status_rank < 100 "
+                                        "AND priority = 'batch'"))
     await conn.close()
-    # Room for exactly one more interactive request; the batch tier's share is already used up.
-    common = settings.model_copy(update={"max_in_flight": open_now + 1})
-    app = create_app(GatewaySettings(common=common, batch_share=0.5))
+    # Room for exactly one more interactive request (interactive work counts its own); the batch tier's share
+    # of everything in flight is already used up.
+    common = settings.model_copy(update={"max_in_flight": open_now - batch_now + 1, "batch_share": 0.5})
+    assert int(common.max_in_flight * 0.5) <= open_now
+    app = create_app(GatewaySettings(common=common))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
             batch = await http.post("/v1/requests", json={"messages": CHAT, "max_tokens": 4, "priority": "batch"})

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from inferlog.admission import Overloaded
 from inferlog.errors import BrokerUnavailable, InvalidRequest, StoreUnavailable
-from inferlog_gateway.admission import Overloaded
 
 log = logging.getLogger(__name__)
 

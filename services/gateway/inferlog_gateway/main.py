@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from inferlog.admission import Admission, Limits
 from inferlog.db import GuardedPool, connect_pool
 from inferlog.hot import CancelFlags, DeltaStream, Keys, StatusCache
 from inferlog.kafka import make_producer
@@ -19,7 +20,6 @@ from inferlog.models import ModelRegistry
 from inferlog.publishing import OutboxRelay, Submitter
 from inferlog.topics import Topics, ensure_topics
 from inferlog_gateway import errors
-from inferlog_gateway.admission import Admission, Limits
 from inferlog_gateway.intake import Intake
 from inferlog_gateway.jobs import JobReader
 from inferlog_gateway.routes import GatewayState, router
@@ -66,8 +66,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             broker_ready=broker_ready,
             relay=relay,
             jobs=jobs,
-            admission=Admission(ledger, Limits(common.max_in_flight, settings.tenant_max_in_flight,
-                                               settings.batch_share)),
+            admission=Admission(ledger, Limits.from_settings(common)),
             keys=TenantKeys(settings.api_keys),
         )
         try:

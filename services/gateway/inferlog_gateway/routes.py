@@ -9,12 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from inferlog.admission import Admission, Overloaded
 from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
 from inferlog.identity import client_id_of, job_key
 from inferlog.ledger import Claim, JobView, RequestLedger
 from inferlog.messages import MAX_REQUEST_ID_LEN, Status
 from inferlog.publishing import OutboxRelay, Submitter
-from inferlog_gateway.admission import Admission, Overloaded
 from inferlog_gateway.api import Accepted, JobResult, JobStatus
 from inferlog_gateway.intake import Intake, parse_json
 from inferlog_gateway.jobs import JobReader
@@ -86,7 +86,7 @@ async def submit(request: Request, idempotency_key: str | None = Header(default=
     else:
         claim = await state.submitter.submit(record, submission.sent_hash)
         if claim.created:
-            state.admission.accepted(tenant)
+            state.admission.accepted(tenant, record.priority)
     status_url = str(request.url_for("get_request", request_id=record.request_id))
     body = Accepted(id=record.request_id, status=claim.status.value, status_url=status_url)
     headers = {"Location": status_url}

@@ -30,8 +30,4 @@ class GatewaySettings(BaseSettings):
     """``Retry-After`` on a 503 while the store or broker is unavailable."""
     api_keys: dict[str, str] = Field(default_factory=dict)
     """API key → tenant, as JSON. Empty: no authentication, one anonymous tenant."""
-    tenant_max_in_flight: int = Field(default=1_000, ge=1)
-    """Each tenant's accepted-but-not-terminal requests above which its submits get 429."""
-    batch_share: float = Field(default=0.8, gt=0, le=1)
-    """The batch tier is refused once in-flight requests reach this share of INFERLOG_MAX_IN_FLIGHT."""
     common: InferlogSettings = Field(default_factory=InferlogSettings)
