@@ -75,8 +75,8 @@ class Admission:
         counted, limit = _held(everyone, priority), limits.of(priority)
         if counted >= limit:
             raise Overloaded(
-                f"{counted} {'interactive ' if priority is Priority.INTERACTIVE else ''}requests are in flight "
-                f"(limit {limit} for the {priority.value} tier); retry later.{_stranded(everyone)}",
+                f"{counted} requests are in flight (limit {limit} for the {priority.value} tier); retry later."
+                f"{_stranded(everyone)}",
                 await self._retry_after(counted - limit + 1), "overloaded")
         if tenant is not None:
             mine = _tier(await self._count(tenant), priority)

@@ -139,7 +139,8 @@ def _add_submit(sub: Any) -> None:
                      help="every line's tier (default: an inferlog record's own; OpenAI lines: batch)")
     cmd.add_argument("--rate", type=float, default=None, metavar="R", help="at most R lines a second")
     cmd.add_argument("--wait", action="store_true", help="then wait until every line's job has ended")
-    cmd.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="with --wait: give up after S seconds")
+    cmd.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="give up waiting (for room in a full "
+                     "tier, and with --wait for the jobs) after S seconds")
     cmd.add_argument("--output", type=Path, default=None, help="with --wait: one result line per input line, in "
                      "order (OpenAI's batch output format for OpenAI lines)")
     cmd.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -597,7 +598,8 @@ async def _submit(args: argparse.Namespace, settings: InferlogSettings) -> int:
     async with _connected(settings) as c:
         with _Bar() as bar:
             admission = Admission(c.ledger, Limits.from_settings(settings))
-            report = await submit_lines(c.submitter, lines, rate=args.rate, admission=admission, progress=bar)
+            report = await submit_lines(c.submitter, lines, rate=args.rate, admission=admission,
+                                        room_timeout_s=args.timeout, progress=bar)
             refused = {number: LineError(code, message) for number, code, message in report.errors}
             jobs = [key_of(ln.record) for ln in lines if ln.record is not None and ln.number not in refused]
             if args.wait:

@@ -56,22 +56,32 @@ class SubmitReport:
 
 async def submit_lines(submitter: Submitter, lines: list[BatchLine], *, rate: float | None = None,
                        admission: Admission | None = None, room_poll_s: float = 1.0,
-                       progress: Progress | None = None) -> SubmitReport:
+                       room_timeout_s: float | None = None, progress: Progress | None = None) -> SubmitReport:
     """Claim and produce every good line in file order, ``CHUNK`` at a time, at most ``rate`` lines a second,
-    each only once ``admission`` has room for it in its tier (and tenant): waiting, never refused."""
+    each only once ``admission`` has room for it in its tier (and tenant): waiting, not refused. A wait for
+    room longer than ``room_timeout_s`` (the workers down, say) stops the run: the lines not sent are
+    reported (``no_room``), and running the same command again goes on from there."""
     tell = progress or (lambda _phase, _n, _total: None)
     report = SubmitReport(lines=len(lines))
     report.errors = [(ln.number, ln.error.code, ln.error.message) for ln in lines if ln.error is not None]
     good = [ln for ln in lines if ln.record is not None]
-    started, sent = time.monotonic(), 0
+    paced_from, sent, waiting_since = time.monotonic(), 0, None
     while sent < len(good):
+        if rate:  # paced by the lines sent so far, not by a sleep per chunk
+            await asyncio.sleep(max(0.0, paced_from + sent / rate - time.monotonic()))
         chunk = await _admitted(admission, good[sent:sent + CHUNK])
         if not chunk:  # the tier is full: wait for room to free, as a client would after a 429
+            waiting_since = waiting_since or time.monotonic()
+            if room_timeout_s is not None and time.monotonic() - waiting_since > room_timeout_s:
+                report.errors += [(ln.number, "no_room", f"no room in its tier for {room_timeout_s:.0f}s: not "
+                                   "submitted (run the same command again to go on)") for ln in good[sent:]]
+                break
             tell("waiting for room", 0, None)
             await asyncio.sleep(room_poll_s)
             continue
-        if rate:  # paced by the lines sent so far, not by a sleep per chunk
-            await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
+        if waiting_since is not None and rate:  # no burst to catch up on the time spent waiting
+            paced_from += time.monotonic() - waiting_since
+        waiting_since = None
         sent += len(chunk)
         outcomes, published = await submitter.claim_and_publish([ln.record for ln in chunk if ln.record is not None])
         for line, outcome in zip(chunk, outcomes, strict=True):
@@ -90,20 +100,26 @@ async def submit_lines(submitter: Submitter, lines: list[BatchLine], *, rate: fl
 
 
 async def _admitted(admission: Admission | None, lines: list[BatchLine]) -> list[BatchLine]:
-    """The leading lines admission has room for, in file order (a line whose tier is full stops the chunk:
-    no later line overtakes it)."""
+    """The leading lines admission has room for, in file order (a line with no room stops the chunk: no
+    later line overtakes it). Each line taken uses room everywhere it counts: its tier's, its tenant's within
+    the tier, and (interactive work) the batch tier's, which is held against everything in flight."""
     if admission is None:
         return lines
-    room: dict[tuple[str | None, Priority], int] = {}
+    tiers = {p: await admission.room(None, p) for p in Priority}
+    tenants: dict[tuple[str, Priority], int] = {}
     taken = []
     for line in lines:
         assert line.record is not None
-        key = (line.record.tenant, line.record.priority)
-        if key not in room:
-            room[key] = await admission.room(*key)
-        if room[key] < 1:
+        tenant, tier = line.record.tenant, line.record.priority
+        if tenant is not None and (tenant, tier) not in tenants:
+            tenants[(tenant, tier)] = await admission.room(tenant, tier)
+        if tiers[tier] < 1 or (tenant is not None and tenants[(tenant, tier)] < 1):
             break
-        room[key] -= 1
+        tiers[tier] -= 1
+        if tier is Priority.INTERACTIVE:
+            tiers[Priority.BATCH] -= 1
+        if tenant is not None:
+            tenants[(tenant, tier)] -= 1
         taken.append(line)
     return taken
 

@@ -70,3 +70,15 @@ def test_batch_keeps_off_interactive_kv_share_but_a_big_one_runs_alone() -> None
     adm.release("b1")
     adm.offer("big", 90, Priority.BATCH, "big")  # more than batch's share, less than the cache: alone, it runs
     assert adm.admit_ready() == ["big"]
+
+
+def test_a_big_batch_request_runs_once_no_batch_work_does_though_interactive_work_overlaps() -> None:
+    adm: KvAdmission[str] = KvAdmission(Capacity(kv_tokens=100, max_running=4, interactive_slots=1,
+                                                 interactive_kv_tokens=25))
+    adm.offer("i0", 10, Priority.INTERACTIVE, "i0")
+    assert adm.admit_ready() == ["i0"]
+    adm.offer("big", 80, Priority.BATCH, "big")  # more than batch's 75 tokens
+    adm.offer("b1", 5, Priority.BATCH, "b1")
+    assert adm.admit_ready() == ["big"]  # no batch work runs: it goes, beside the interactive request
+    adm.offer("i1", 10, Priority.INTERACTIVE, "i1")
+    assert adm.admit_ready() == ["i1"] and not adm.wants(Priority.BATCH)  # b1 waits for batch room

@@ -83,3 +83,16 @@ async def test_submit_feeds_a_file_in_as_room_frees() -> None:
     counts.counts[None] = OpenCount(in_flight=0, awaiting_redrive=0, batch=0)  # the backlog finished
     report = await asyncio.wait_for(feeding, 10)
     assert submitter.claimed == [f"ns.r{i}" for i in range(30)] and len(report.submitted) == 30  # in file order
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_mixed_tenants_share_the_tiers_room_and_a_full_tier_is_given_up_on() -> None:
+    data = b"\n".join(b'{"request_id": "r%d", "tenant": "%s", "model": "m", "params": {"max_tokens": 1}, '
+                      b'"prompt": "x", "priority": "batch"}' % (i, b"ab"[i % 2:i % 2 + 1]) for i in range(20))
+    lines = read_lines(data, namespace="ns", known_models=["m"], default_model="m")
+    counts = Counts({None: OpenCount(in_flight=74, awaiting_redrive=0, batch=74)})  # 6 of 80 left, for both
+    submitter = Submitter()
+    report = await submit_lines(submitter, lines, admission=Admission(counts, LIMITS),  # type: ignore[arg-type]
+                                room_poll_s=0.05, room_timeout_s=0.2)
+    assert len(submitter.claimed) == 6, "each tenant took the whole tier's room"
+    assert [code for _n, code, _m in report.errors] == ["no_room"] * 14

@@ -129,7 +129,7 @@ class KvAdmission(Generic[T]):
     def _fits(self, tokens: int, priority: Priority) -> bool:
         if self.room(priority) < 1 or self.tokens_in_flight + tokens > self.capacity.kv_tokens:
             return False
-        if priority is Priority.INTERACTIVE or not self.running:
-            return True  # (a batch request bigger than batch's share of the cache still runs on an idle worker)
+        if priority is Priority.INTERACTIVE or not self._batch:
+            return True  # (a batch request bigger than batch's share of the cache runs once no batch work runs)
         batch_tokens = sum(self._reserved[r] for r in self._batch)
         return batch_tokens + tokens <= self.capacity.kv_tokens - self.capacity.interactive_kv_tokens

@@ -62,7 +62,10 @@ async def warm_up(runner: ModelRunner, batch: int) -> None:
 def capacity_of(settings: WorkerSettings) -> Capacity:
     """What the worker admits: its KV cache in tokens and its slots, with interactive's share of both."""
     kv_tokens = settings.num_blocks * settings.page_size
-    return Capacity(kv_tokens, settings.max_running, interactive_slots=int(settings.max_running * settings.interactive_share),
+    slots = int(settings.max_running * settings.interactive_share)
+    if settings.interactive_share > 0 and settings.max_running > 1:
+        slots = max(1, slots)  # (3 slots at 0.25 would keep none)
+    return Capacity(kv_tokens, settings.max_running, interactive_slots=slots,
                     interactive_kv_tokens=int(kv_tokens * settings.interactive_share))
 
 
