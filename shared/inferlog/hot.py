@@ -61,6 +61,32 @@ class Keys:
         return f"{self.prefix}:worker:{worker_id}"
 
 
+class WorkerLoads:
+    """The live workers' load hashes (``inferlog_worker.load``, refreshed with a TTL: a dead worker's goes
+    away on its own), read: which models are served, in which versions. Raises on a Redis error: an
+    unreadable Redis is "unknown", never "no worker"."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+
+    async def serving(self) -> dict[str, dict[str, int]]:
+        """model → {version → live workers serving it}."""
+        found = [key async for key in self._redis.scan_iter(match=self._keys.worker("*"), count=1000)]
+        if not found:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in found:
+                pipe.hmget(key, ["model", "model_version"])
+            rows = await pipe.execute()
+        served: dict[str, dict[str, int]] = {}
+        for model, version in rows:
+            if model:  # (a hash that expired between the scan and the read is empty)
+                versions = served.setdefault(_decode(model), {})
+                versions[_decode(version or "")] = versions.get(_decode(version or ""), 0) + 1
+        return served
+
+
 class StatusCache:
     """Hot job views and terminal notifications."""
 

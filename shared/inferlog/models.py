@@ -55,6 +55,14 @@ class RegisteredModel:
         config = json.loads((self.directory / "config.json").read_text())
         return int(config.get("max_position_embeddings") or 2048)
 
+    def recorded_version(self) -> str | None:
+        """The version recorded when the model was prepared (cheap: no weights are read), if any."""
+        marker = self.directory / PREPARED_MARKER
+        try:
+            return str(json.loads(marker.read_text()).get("version") or "") or None
+        except (OSError, ValueError):
+            return None
+
     def version(self) -> str:
         """A short hash of the weights, recorded on every result. Cached in the prepared marker."""
         marker = self.directory / PREPARED_MARKER

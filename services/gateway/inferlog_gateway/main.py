@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from inferlog.admission import Admission, Limits
 from inferlog.db import GuardedPool, connect_pool
-from inferlog.hot import CancelFlags, DeltaStream, Keys, StatusCache
+from inferlog.hot import CancelFlags, DeltaStream, Keys, StatusCache, WorkerLoads
 from inferlog.kafka import make_producer
 from inferlog.ledger import RequestLedger
 from inferlog.models import ModelRegistry
@@ -68,6 +68,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             jobs=jobs,
             admission=Admission(ledger, Limits.from_settings(common)),
             keys=TenantKeys(settings.api_keys),
+            registry=registry,
+            loads=WorkerLoads(redis, keys),
         )
         try:
             yield

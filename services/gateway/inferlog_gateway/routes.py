@@ -8,12 +8,15 @@ from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from redis.exceptions import RedisError
 
 from inferlog.admission import Admission, Overloaded
 from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
+from inferlog.hot import WorkerLoads
 from inferlog.identity import client_id_of, job_key
 from inferlog.ledger import Claim, JobView, RequestLedger
 from inferlog.messages import MAX_REQUEST_ID_LEN, Status
+from inferlog.models import ModelRegistry, RegisteredModel
 from inferlog.publishing import OutboxRelay, Submitter
 from inferlog_gateway.api import Accepted, JobResult, JobStatus
 from inferlog_gateway.intake import Intake, parse_json
@@ -34,6 +37,8 @@ class GatewayState:
     jobs: JobReader
     admission: Admission
     keys: TenantKeys
+    registry: ModelRegistry
+    loads: WorkerLoads
 
 
 router = APIRouter()
@@ -198,6 +203,38 @@ def job_status(job: JobView) -> JobStatus:
                      result=result, error=job.error, timings=job.timings,
                      redrive_of=client_id_of(job.redrive_of) if job.redrive_of else None,
                      redriven_as=[client_id_of(k) for k in job.redriven_as])
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """The registered models (OpenAI's list shape), each with its version and whether a live worker serves
+    it now (from the workers' load hashes; ``served`` is null when Redis cannot be read: unknown, not no)."""
+    state = _state(request)
+    state.keys.tenant_of(request)  # (a 401 like every /v1 route's)
+    served = await _served(state)
+    return {"object": "list", "data": [_model_card(m, served) for m in state.registry]}
+
+
+@router.get("/v1/models/{model}")
+async def get_model(model: str, request: Request) -> dict[str, Any]:
+    state = _state(request)
+    state.keys.tenant_of(request)
+    registered = state.registry.get(model)  # UnknownModel: 404 model_not_found
+    return _model_card(registered, await _served(state))
+
+
+async def _served(state: GatewayState) -> dict[str, dict[str, int]] | None:
+    try:
+        return await state.loads.serving()
+    except (RedisError, OSError):
+        return None
+
+
+def _model_card(model: RegisteredModel, served: dict[str, dict[str, int]] | None) -> dict[str, Any]:
+    versions = (served or {}).get(model.name, {})
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "inferlog",
+            "version": next(iter(versions), None) or model.recorded_version(),
+            "served": None if served is None else bool(versions), "workers": sum(versions.values())}
 
 
 @router.get("/healthz")
