@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from inferlog.errors import InvalidRequest
+from inferlog.ledger import JobView
 from inferlog.messages import (
     MAX_REQUEST_ID_LEN,
     ChatMessage,
@@ -43,7 +44,7 @@ OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_:-]{1,64}$")
 _PLAIN = re.compile(r"[A-Za-z0-9._:-]")
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "logit_bias",
-                "audio", "modalities", "prediction", "frequency_penalty", "presence_penalty")
+                "audio", "modalities", "prediction", "frequency_penalty", "presence_penalty", "echo", "suffix")
 """OpenAI parameters that change the output and are not served: refused per line unless absent or neutral."""
 
 
@@ -186,15 +187,30 @@ def openai_request(body: dict[str, Any], *, request_id: str, tenant: str | None,
     InvalidRequest (with the ``param``) for what it cannot serve as asked. Where OpenAI has a default that
     changes the output, it is OpenAI's: an absent ``temperature`` samples at 1.0."""
     for name in _UNSUPPORTED:
-        if body.get(name) not in (None, False, [], 0):
+        if body.get(name) not in (None, False, [], {}, 0, ""):
             raise InvalidRequest(f"{name} is not supported", param=name, code="unsupported_parameter")
+    if body.get("best_of") not in (None, 1):
+        raise InvalidRequest("only best_of = 1 is supported", param="best_of", code="unsupported_parameter")
+    model = body.get("model")
+    if model is not None and not (isinstance(model, str) and model):
+        raise InvalidRequest("model must be a model's name", param="model")
+    for name in ("max_completion_tokens", "max_tokens", "seed", "n"):  # JSON's true is no count
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequest(f"{name} must be an integer", param=name)
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise InvalidRequest(f"{name} must be a number", param=name)
     if body.get("response_format") not in (None, {"type": "text"}):
         raise InvalidRequest("only text output is supported", param="response_format", code="unsupported_parameter")
     if body.get("n") not in (None, 1):
         raise InvalidRequest("only n = 1 is supported", param="n", code="unsupported_parameter")
     stop = body.get("stop")
-    limit = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None),
-                 OPENAI_DEFAULT_MAX_TOKENS)
+    given = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
+    limit = body[given] if given else OPENAI_DEFAULT_MAX_TOKENS
+    if limit < 1:
+        raise InvalidRequest(f"{given} must be at least 1", param=given)
     params = GenerationParams.model_validate({
         "max_tokens": limit,
         "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
@@ -243,3 +259,23 @@ def _chat_message(message: Any, index: int) -> ChatMessage:
         raise InvalidRequest(f"messages[{index}] needs a role (system, developer, user, assistant) and text "
                              "content", param=f"messages.{index}")
     return ChatMessage.model_validate({"role": role, "content": content})
+
+
+def completion_object(view: JobView, *, chat: bool) -> dict[str, Any]:
+    """A completed job as OpenAI's ``chat.completion`` (``chat``) or ``text_completion`` object: the other
+    direction of ``openai_request``, for the OpenAI routes and the batch output alike. Its ``id`` is the
+    job's own ID, so ``chat.completions.retrieve(id)`` (and ``/v1/requests/{id}``) finds the job."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": view.finish_reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": view.text, "refusal": None}
+    else:
+        choice["text"] = view.text
+    return {"id": view.client_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(view.timings.get("completed_at") or view.timings.get("received_at") or 0),
+            "model": view.model, "choices": [choice], "usage": openai_usage(view)}
+
+
+def openai_usage(view: JobView) -> dict[str, int]:
+    prompt, completion = view.prompt_tokens or 0, view.completion_tokens or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferlog.admission import Admission
-from inferlog.batchfile import BatchLine
+from inferlog.batchfile import BatchLine, completion_object, openai_usage
 from inferlog.errors import IdempotencyConflict
 from inferlog.ledger import JobView, RequestLedger, key_of
 from inferlog.messages import Priority, Status
@@ -160,7 +160,7 @@ def output_line(line: BatchLine, view: JobView | None) -> dict[str, Any]:
         error.setdefault("message", f"the job ended {view.status.value}")
     if not line.openai:
         result = None if error is not None or view is None else {
-            "text": view.text, "finish_reason": view.finish_reason, "usage": _usage(view)}
+            "text": view.text, "finish_reason": view.finish_reason, "usage": openai_usage(view)}
         return {"line": line.number, "custom_id": line.custom_id,
                 "request_id": line.record.request_id if line.record is not None else None,
                 "status": view.status.value if view is not None else None, "result": result, "error": error}
@@ -168,19 +168,6 @@ def output_line(line: BatchLine, view: JobView | None) -> dict[str, Any]:
                            "custom_id": line.custom_id, "response": None, "error": error}
     if error is None and view is not None:
         chat = line.record is not None and line.record.messages is not None
-        choice: dict[str, Any] = {"index": 0, "finish_reason": view.finish_reason, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": view.text}
-        else:
-            choice["text"] = view.text
-        out["response"] = {"status_code": 200, "request_id": view.client_id, "body": {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{view.client_id}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(view.timings.get("completed_at") or view.timings.get("received_at") or 0),
-            "model": view.model, "choices": [choice], "usage": _usage(view)}}
+        out["response"] = {"status_code": 200, "request_id": view.client_id,
+                           "body": completion_object(view, chat=chat)}
     return out
-
-
-def _usage(view: JobView) -> dict[str, int]:
-    prompt, completion = view.prompt_tokens or 0, view.completion_tokens or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

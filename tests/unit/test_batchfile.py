@@ -94,7 +94,7 @@ def test_output_lines_in_openai_batch_format_or_the_jobs_outcome() -> None:
     assert done["custom_id"] == "c" and done["error"] is None and done["id"].startswith("batch_req_")
     body = done["response"]["body"]
     assert done["response"]["status_code"] == 200 and body["object"] == "chat.completion"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Paris."}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Paris.", "refusal": None}
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     failed = output_line(chat, view("ns.c", Status.FAILED, error={"code": "context_length_exceeded", "message": "m"}))
     assert failed["response"] is None and failed["error"]["code"] == "context_length_exceeded"
@@ -131,6 +131,23 @@ def test_what_a_review_found_stays_fixed() -> None:
     codes = [g.error.code if g.error else None for g in read(lines(
         openai("z", max_tokens=0), openai("n", n=None), openai("j", response_format={"type": "json_object"}),
         openai("p", presence_penalty=0.5), openai("q", presence_penalty=0)))]
-    assert codes == ["invalid_request", None, "unsupported_parameter", "unsupported_parameter", None], codes
+    assert codes == ["invalid_value", None, "unsupported_parameter", "unsupported_parameter", None], codes
     # A byte-order mark before the first line is not part of it.
     assert read(b"\xef\xbb\xbf" + lines(openai("bom")))[0].error is None
+
+
+def test_openai_bodies_are_typed_as_strictly_as_submits() -> None:
+    def refused(**body: Any) -> str | None:
+        try:
+            openai_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}, request_id="r",
+                           tenant=None, default_model="m", chat=True)
+        except InvalidRequest as exc:
+            return exc.param
+        return None
+
+    assert refused(model="") == "model" and refused(model=False) == "model"
+    assert refused(max_tokens=True) == "max_tokens" and refused(max_tokens="10") == "max_tokens"
+    assert refused(max_completion_tokens=0) == "max_completion_tokens" and refused(seed=True) == "seed"
+    assert refused(temperature="0.5") == "temperature" and refused(echo=True) == "echo"
+    assert refused(best_of=3) == "best_of" and refused(suffix="!") == "suffix"
+    assert refused(logit_bias={}) is None and refused(best_of=1, echo=False, n=1) is None  # neutral values

@@ -44,12 +44,15 @@ def parse_json(raw: bytes) -> Any:
         raise InvalidRequest(f"The body is not valid UTF-8 (byte {exc.start}).", code="invalid_encoding") from exc
     try:
         value = json.loads(text)
+        nul = _has_nul(value)
+    except RecursionError as exc:  # nested deeper than any request: refused, never a 500
+        raise InvalidRequest("The body is nested too deeply.", code="invalid_json") from exc
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"The body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.",
                              code="invalid_json") from exc
     except ValueError as exc:  # e.g. an integer of more digits than Python converts
         raise InvalidRequest(f"The body is not usable JSON: {exc}.", code="invalid_json") from exc
-    if _has_nul(value):
+    if nul:
         raise InvalidRequest("The body contains a NUL character (\\u0000), which no text field can hold.",
                              code="invalid_encoding")
     try:  # JSON escapes can smuggle in lone surrogates, which no UTF-8 record can carry
@@ -111,31 +114,7 @@ class Intake:
             raise InvalidRequest("Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : ~ -",
                                  param="Idempotency-Key")
         model = self._registry.get(body.model)
-        formatter, context = self._formatter(model)
-        if body.messages is not None:
-            prompt_tokens = len(formatter.encode_chats([body.messages])[0])
-            prompt_param = "messages"
-        else:
-            assert body.prompt is not None
-            prompt_tokens = len(formatter.encode_prompts([body.prompt])[0])
-            prompt_param = "prompt"
-        if prompt_tokens == 0:
-            raise InvalidRequest("The prompt encodes to no tokens.", param=prompt_param)
-        room = context - prompt_tokens
-        if room < 1:
-            raise InvalidRequest(
-                f"The prompt is {prompt_tokens} tokens; model {model.name!r} has a context of {context} tokens "
-                "and needs room for at least one generated token. Shorten the prompt.",
-                param=prompt_param, code="context_length_exceeded")
-        max_tokens = body.max_tokens or min(self._settings.default_max_tokens, room)
-        if max_tokens > self._settings.max_max_tokens:
-            raise InvalidRequest(f"max_tokens is {max_tokens}; the most allowed is {self._settings.max_max_tokens}.",
-                                 param="max_tokens")
-        if max_tokens > room:
-            raise InvalidRequest(
-                f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
-                f"of {context} tokens; lower max_tokens to at most {room} or shorten the prompt.",
-                param="max_tokens", code="context_length_exceeded")
+        prompt_tokens, max_tokens = self._sized(model, body.messages, body.prompt, body.max_tokens)
         received_at = now()
         try:
             params = GenerationParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -157,3 +136,46 @@ class Intake:
         sent = body.model_dump(mode="json", exclude_unset=True)  # as sent, normalised (0 and 0.0 alike)
         return Submission(record, prompt_tokens, request_hash(sent, tenant),
                           keyed=bool(body.request_id or idempotency_key))
+
+    def checked(self, record: RequestRecord, *, max_tokens_given: bool) -> tuple[RequestRecord, int]:
+        """A record built by another mapping (the OpenAI routes: ``inferlog.batchfile.openai_request``)
+        checked as a submit is: model registered and prepared, prompt within the context, ``max_tokens``
+        bounded (when not given, what the context leaves, up to the default). Returns the record to claim
+        (model named, ``received_at`` stamped) and its prompt tokens. Raises InvalidRequest (4xx)."""
+        model = self._registry.get(record.model)
+        prompt_tokens, max_tokens = self._sized(model, record.messages, record.prompt,
+                                                record.params.max_tokens if max_tokens_given else None)
+        params = record.params.model_copy(update={"max_tokens": max_tokens})
+        return record.model_copy(update={"model": model.name, "params": params,
+                                         "timings": Timings(received_at=now())}), prompt_tokens
+
+    def _sized(self, model: RegisteredModel, messages: list[Any] | None, prompt: str | None,
+               max_tokens: int | None) -> tuple[int, int]:
+        """The prompt's tokens, and ``max_tokens`` (defaulted to what the context leaves, up to the
+        default), once both fit the model. Raises InvalidRequest naming the param."""
+        formatter, context = self._formatter(model)
+        if messages is not None:
+            prompt_tokens = len(formatter.encode_chats([messages])[0])
+            prompt_param = "messages"
+        else:
+            assert prompt is not None
+            prompt_tokens = len(formatter.encode_prompts([prompt])[0])
+            prompt_param = "prompt"
+        if prompt_tokens == 0:
+            raise InvalidRequest("The prompt encodes to no tokens.", param=prompt_param)
+        room = context - prompt_tokens
+        if room < 1:
+            raise InvalidRequest(
+                f"The prompt is {prompt_tokens} tokens; model {model.name!r} has a context of {context} tokens "
+                "and needs room for at least one generated token. Shorten the prompt.",
+                param=prompt_param, code="context_length_exceeded")
+        max_tokens = max_tokens or min(self._settings.default_max_tokens, room)
+        if max_tokens > self._settings.max_max_tokens:
+            raise InvalidRequest(f"max_tokens is {max_tokens}; the most allowed is {self._settings.max_max_tokens}.",
+                                 param="max_tokens")
+        if max_tokens > room:
+            raise InvalidRequest(
+                f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
+                f"of {context} tokens; lower max_tokens to at most {room} or shorten the prompt.",
+                param="max_tokens", code="context_length_exceeded")
+        return prompt_tokens, max_tokens

@@ -19,7 +19,7 @@ from inferlog.ledger import RequestLedger
 from inferlog.models import ModelRegistry
 from inferlog.publishing import OutboxRelay, Submitter
 from inferlog.topics import Topics, ensure_topics
-from inferlog_gateway import errors
+from inferlog_gateway import errors, openai_routes
 from inferlog_gateway.intake import Intake
 from inferlog_gateway.jobs import JobReader
 from inferlog_gateway.routes import GatewayState, router
@@ -70,6 +70,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             keys=TenantKeys(settings.api_keys),
             registry=registry,
             loads=WorkerLoads(redis, keys),
+            completion_wait_s=settings.completion_wait_s,
         )
         try:
             yield
@@ -82,6 +83,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="inferlog gateway", lifespan=lifespan)
     errors.install(app, settings.retry_after_s)
     app.include_router(router)
+    app.include_router(openai_routes.router)
     return app
 
 

@@ -39,6 +39,7 @@ class GatewayState:
     keys: TenantKeys
     registry: ModelRegistry
     loads: WorkerLoads
+    completion_wait_s: float = 300.0
 
 
 router = APIRouter()

@@ -17,6 +17,9 @@ class GatewaySettings(BaseSettings):
     """Port to listen on."""
     max_body_bytes: int = Field(default=1_000_000, ge=1_024)
     """Largest request body accepted; larger is 413, refused before it is read whole."""
+    completion_wait_s: float = Field(default=300.0, gt=0, le=3600)
+    """How long ``POST /v1/chat/completions`` / ``/v1/completions`` wait for their job; past it, a 504 with
+    the job ID (``x-should-retry: false``): the job goes on and can be fetched."""
     produce_timeout_s: float = Field(default=2.0, gt=0, le=60)
     """How long a submit waits for the broker's acknowledgement; past it the job is accepted anyway and
     left to the outbox relay."""

@@ -1,0 +1,138 @@
+"""The OpenAI front door (issue 12), first routes: ``POST /v1/chat/completions`` and ``POST /v1/completions``
+(not streamed yet), and ``GET /v1/chat/completions/{id}``.
+
+Each call is a job like a ``/v1/requests`` submit: mapped by the shared ``openai_request`` (the batch file's
+mapping), checked by the intake as a submit is, admitted, claimed and produced by the same code, generated and
+stored the same way; the handler then waits for the stored result (on the store's notification, never on a
+worker), bounded by ``completion_wait_s``. The response's ``id`` is the job's (``X-Request-Id`` too), so
+``GET /v1/chat/completions/{id}`` or ``/v1/requests/{id}`` recovers a call whose answer was lost, and the
+``Idempotency-Key`` header makes a retry the same job. A wait that runs out answers a 504 carrying the job ID
+with ``x-should-retry: false``: the SDK's automatic retry would otherwise start nothing new only if keyed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+
+from inferlog.admission import Overloaded
+from inferlog.batchfile import completion_object, openai_request
+from inferlog.errors import InvalidRequest, StoreUnavailable
+from inferlog.identity import job_key
+from inferlog.ledger import JobView, request_hash
+from inferlog.messages import SEED_REFUSAL, Priority, Status
+from inferlog_gateway.intake import parse_json
+from inferlog_gateway.routes import MAX_WAIT_S, _mine, _owned, _state, read_body
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, idempotency_key: str | None = Header(default=None)) -> JSONResponse:
+    return await _call(request, idempotency_key, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, idempotency_key: str | None = Header(default=None)) -> JSONResponse:
+    return await _call(request, idempotency_key, chat=False)
+
+
+@router.get("/v1/chat/completions/{request_id}")
+async def retrieve_chat_completion(request_id: str, request: Request) -> JSONResponse:
+    """The stored completion of a chat call (``client.chat.completions.retrieve(id)``)."""
+    state = _state(request)
+    tenant = state.keys.tenant_of(request)
+    await _owned(state, request_id, tenant)
+    job = _mine(await state.jobs.get(job_key(tenant, request_id)), request_id, tenant)
+    return _answer(job, chat=True)
+
+
+async def _call(request: Request, idempotency_key: str | None, *, chat: bool) -> JSONResponse:
+    state = _state(request)
+    tenant = state.keys.tenant_of(request)
+    body = parse_json(await read_body(request, state.max_body_bytes))
+    if body.get("stream"):
+        raise InvalidRequest("stream: true is not served on this route yet; stream a job from "
+                             "GET /v1/requests/{id}/stream", param="stream", code="unsupported_parameter")
+    request_id = idempotency_key or uuid.uuid4().hex
+    if not 0 < len(request_id) <= 128 or not all(c.isascii() and (c.isalnum() or c in "._:~-") for c in request_id):
+        raise InvalidRequest("Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : ~ -",
+                             param="Idempotency-Key")
+    given = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
+    record = openai_request(body, request_id=request_id, tenant=tenant, default_model=state.registry.default_name,
+                            chat=chat, priority=Priority.INTERACTIVE)
+    if record.params.seed is not None and record.params.temperature > 0:
+        raise InvalidRequest(SEED_REFUSAL, param="seed", code="seed_not_supported")  # the one seed policy
+    record, _prompt_tokens = state.intake.checked(record, max_tokens_given=given)
+    sent = request_hash({**body, "route": "chat" if chat else "completions"}, tenant)
+    try:
+        await state.admission.admit(tenant, record.priority)
+    except Overloaded:  # a keyed retry of a job already accepted is answered, not refused
+        if idempotency_key is None or await state.ledger.existing_claim(record, sent) is None:
+            raise
+    else:
+        claim = await state.submitter.submit(record, sent)
+        if claim.created:
+            state.admission.accepted(tenant, record.priority)
+    key = job_key(tenant, request_id)
+    try:  # from here the job exists: every answer carries its ID, and none invites a retry that starts another
+        job = await _wait(state, key, _wait_budget(request, state.completion_wait_s))
+    except StoreUnavailable as exc:
+        return _error(503, request_id, f"The job was accepted; its result cannot be read now ({exc}): fetch it "
+                      f"with GET /v1/chat/completions/{request_id}.", "server_error", "store_unavailable")
+    if job is None or not job.status.is_terminal():
+        return _error(504, request_id, "The job did not end within the wait; it goes on: fetch it with GET "
+                      f"/v1/chat/completions/{request_id} or /v1/requests/{request_id}.", "server_error",
+                      "completion_wait_exceeded")
+    return _answer(job, chat=chat)
+
+
+def _wait_budget(request: Request, configured_s: float) -> float:
+    """How long to wait: the setting, and never past the client's own timeout (the Stainless SDKs, OpenAI's
+    among them, send it): a client that times out first would retry, and unkeyed, start another job."""
+    try:
+        client_s = float(request.headers.get("x-stainless-read-timeout", "inf"))
+    except ValueError:
+        client_s = float("inf")
+    return max(0.1, min(configured_s, client_s - 5.0))
+
+
+async def _wait(state: Any, key: str, wait_s: float) -> JobView | None:
+    """The job once terminal, or as it stands when ``wait_s`` ran out (each wait on the store's
+    notification, at most the long-poll's bound)."""
+    left, job = wait_s, None
+    while left > 0:
+        step = min(left, MAX_WAIT_S)
+        job = await state.jobs.wait(key, step)
+        if job is not None and job.status.is_terminal():
+            return job
+        left -= step
+    return job
+
+
+def _answer(job: JobView, *, chat: bool) -> JSONResponse:
+    if job.status is Status.COMPLETED:
+        return JSONResponse(completion_object(job, chat=chat), headers={"X-Request-Id": job.client_id})
+    if not job.status.is_terminal():
+        return _error(404, job.client_id, f"The job is still {job.status.value}: its completion is not stored yet "
+                      f"(GET /v1/requests/{job.client_id}?wait=30 waits for it).", "invalid_request_error",
+                      "not_completed")
+    if job.status in (Status.CANCELLED, Status.EXPIRED):  # the client's doing (a cancel, its deadline)
+        code = "cancelled" if job.status is Status.CANCELLED else "deadline_exceeded"
+        return _error(400, job.client_id, f"The job ended {job.status.value}.", "invalid_request_error", code)
+    error = job.error or {}
+    invalid = error.get("type") == "invalid_request_error"
+    return _error(400 if invalid else 500, job.client_id, str(error.get("message") or f"The job ended {job.status.value}."),
+                  "invalid_request_error" if invalid else "server_error", str(error.get("code") or job.status.value),
+                  param=error.get("param"))
+
+
+def _error(status: int, request_id: str, message: str, kind: str, code: str, param: str | None = None) -> JSONResponse:
+    """OpenAI's error envelope, with the job's ID; ``x-should-retry: false`` so the SDK never starts another
+    job for an answer this job already has (or will have)."""
+    return JSONResponse(status_code=status, headers={"X-Request-Id": request_id, "x-should-retry": "false"},
+                        content={"error": {"message": message, "type": kind, "param": param, "code": code,
+                                           "request_id": request_id}})

@@ -1,0 +1,96 @@
+"""The OpenAI front door (issue 12), first routes, driven with the official ``openai`` SDK against the whole
+pipeline (tiny model): chat completions and completions are jobs (generated once, stored, retrievable by
+their ID, exactly-once under an Idempotency-Key), ``models.list`` says what is served, and bad input raises
+the SDK's own exception classes naming the param, never an InternalServerError."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import TINY, connect_to_schema
+from tests.faults.conftest import MakeCluster, start_pipeline
+from tests.faults.harness import check, describe
+
+pytestmark = pytest.mark.e2e
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+async def test_the_openai_sdk_gets_durable_jobs(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster("oai")
+    start_pipeline(cluster)
+    await cluster.wait_ready()
+    client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+
+    done = await client.chat.completions.create(model=TINY, messages=CHAT, temperature=0, max_tokens=8)  # type: ignore[arg-type]
+    text = done.choices[0].message.content
+    assert text and done.choices[0].finish_reason in ("stop", "length") and done.model == TINY
+    assert done.usage is not None and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    again = await client.chat.completions.retrieve(done.id)  # read-your-writes: the job, stored
+    assert again.choices[0].message.content == text and again.id == done.id
+
+    # Keyed: the same call twice is one job, one generation (the SDK's extra_headers, as the README shows).
+    keyed: dict[str, Any] = {"model": TINY, "messages": CHAT, "max_tokens": 6, "extra_headers": {"Idempotency-Key": "oai-k1"}}
+    first = await client.chat.completions.create(**keyed, temperature=0)
+    second = await client.chat.completions.create(**keyed, temperature=0)
+    assert first.id == second.id == "oai-k1" and first.choices[0].message.content == second.choices[0].message.content
+    # Absent temperature is OpenAI's default (1): sampled, and stored so.
+    sampled = await client.chat.completions.create(model=TINY, messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
+    assert sampled.choices[0].message.content is not None
+
+    plain = await client.completions.create(model=TINY, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert plain.choices[0].text and plain.object == "text_completion"
+
+    served = {m.id: m.model_extra for m in (await client.models.list()).data}
+    assert served[TINY]["served"] is True and served[TINY]["version"], served
+
+    # Every neutral field real clients send is accepted.
+    neutral = await client.chat.completions.create(
+        model=TINY, messages=[{"role": "developer", "content": "Be brief."}, *CHAT], max_completion_tokens=4,  # type: ignore[list-item]
+        temperature=0, n=1, presence_penalty=0, frequency_penalty=0, logprobs=False, user="end-user-7",
+        metadata={"k": "v"}, store=False, parallel_tool_calls=None, top_p=1)
+    assert neutral.choices[0].message.content is not None
+
+    # Bad input: the SDK's own exceptions, naming the param; never a 5xx.
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="no-such-model", messages=CHAT)  # type: ignore[arg-type]
+    for bad, param in [({"n": 2}, "n"), ({"max_tokens": -1}, "max_tokens"), ({"temperature": -1}, "temperature"),
+                       ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                       ({"messages": [{"role": "user", "content": "x " * 30000}]}, "messages")]:
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.chat.completions.create(**{"model": TINY, "messages": CHAT, **bad})
+        assert raised.value.body is not None and raised.value.body.get("param", "").startswith(param), (bad, raised.value.body)
+
+    # A call whose wait runs out (the SDK's own 5.1 s timeout leaves the gateway 0.1 s) gets the job's ID and
+    # x-should-retry: false, and the SDK, retries on, makes no second call: one job, generated once.
+    before = await _jobs(cluster)
+    slow = client.with_options(timeout=5.1, max_retries=2)
+    with pytest.raises(openai.APIStatusError) as waited:
+        await slow.chat.completions.create(model=TINY, messages=CHAT, max_tokens=450, temperature=0)  # type: ignore[arg-type]
+    assert await _jobs(cluster) == before + 1, "the SDK retried and started another job"
+    assert waited.value.status_code == 504 and waited.value.response.headers["x-should-retry"] == "false"
+    slow_id = waited.value.response.headers["x-request-id"]
+    finished = None
+    for _ in range(120):  # (404 not_completed until it ends)
+        try:
+            finished = await client.chat.completions.retrieve(slow_id)
+            break
+        except openai.NotFoundError:
+            await asyncio.sleep(0.5)
+    assert finished is not None and finished.usage is not None and finished.usage.completion_tokens == 450
+
+    ids = [done.id, "oai-k1", sampled.id, plain.id, neutral.id, slow_id]
+    report = await check(cluster.settings, ids)
+    assert report.lost == [] and report.generations_by_id == {i: 1 for i in ids}, describe(report)
+
+
+async def _jobs(cluster: Any) -> int:
+    conn = await connect_to_schema(cluster.settings)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM requests"))
+    finally:
+        await conn.close()
