@@ -18,14 +18,13 @@ from typing import Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
-from inferlog.admission import Overloaded
 from inferlog.batchfile import completion_object, openai_request
 from inferlog.errors import InvalidRequest, StoreUnavailable
 from inferlog.identity import job_key
 from inferlog.ledger import JobView, request_hash
 from inferlog.messages import SEED_REFUSAL, Priority, Status
 from inferlog_gateway.intake import parse_json
-from inferlog_gateway.routes import MAX_WAIT_S, _mine, _owned, _state, read_body
+from inferlog_gateway.routes import MAX_WAIT_S, _mine, _owned, _state, accept, read_body
 
 router = APIRouter()
 
@@ -68,15 +67,7 @@ async def _call(request: Request, idempotency_key: str | None, *, chat: bool) ->
         raise InvalidRequest(SEED_REFUSAL, param="seed", code="seed_not_supported")  # the one seed policy
     record, _prompt_tokens = state.intake.checked(record, max_tokens_given=given)
     sent = request_hash({**body, "route": "chat" if chat else "completions"}, tenant)
-    try:
-        await state.admission.admit(tenant, record.priority)
-    except Overloaded:  # a keyed retry of a job already accepted is answered, not refused
-        if idempotency_key is None or await state.ledger.existing_claim(record, sent) is None:
-            raise
-    else:
-        claim = await state.submitter.submit(record, sent)
-        if claim.created:
-            state.admission.accepted(tenant, record.priority)
+    await accept(state, record, tenant, sent, keyed=idempotency_key is not None)
     key = job_key(tenant, request_id)
     try:  # from here the job exists: every answer carries its ID, and none invites a retry that starts another
         job = await _wait(state, key, _wait_budget(request, state.completion_wait_s))

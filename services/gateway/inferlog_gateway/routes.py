@@ -15,7 +15,7 @@ from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
 from inferlog.hot import WorkerLoads
 from inferlog.identity import client_id_of, job_key
 from inferlog.ledger import Claim, JobView, RequestLedger
-from inferlog.messages import MAX_REQUEST_ID_LEN, Status
+from inferlog.messages import MAX_REQUEST_ID_LEN, RequestRecord, Status
 from inferlog.models import ModelRegistry, RegisteredModel
 from inferlog.publishing import OutboxRelay, Submitter
 from inferlog_gateway.api import Accepted, JobResult, JobStatus
@@ -80,25 +80,31 @@ async def submit(request: Request, idempotency_key: str | None = Header(default=
     raw = await read_body(request, state.max_body_bytes)
     submission = state.intake.build(parse_json(raw), idempotency_key, tenant)
     record = submission.record
-    claim: Claim | None
-    try:
-        await state.admission.admit(tenant, record.priority)
-    except Overloaded:
-        # A keyed retry of a job already accepted is answered, not refused: only new work is shed. (The
-        # lookup is paid only on refusal; an admitted submit's claim does the same check in its INSERT.)
-        claim = await state.ledger.existing_claim(record, submission.sent_hash) if submission.keyed else None
-        if claim is None:
-            raise
-    else:
-        claim = await state.submitter.submit(record, submission.sent_hash)
-        if claim.created:
-            state.admission.accepted(tenant, record.priority)
+    claim = await accept(state, record, tenant, submission.sent_hash, keyed=submission.keyed)
     status_url = str(request.url_for("get_request", request_id=record.request_id))
     body = Accepted(id=record.request_id, status=claim.status.value, status_url=status_url)
     headers = {"Location": status_url}
     if not claim.created:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(status_code=202, content=body.model_dump(), headers=headers)
+
+
+async def accept(state: GatewayState, record: RequestRecord, tenant: str | None, sent_hash: str, *,
+                 keyed: bool) -> Claim:
+    """Take a checked submit, the one way every route does: admit it, then claim and produce it. A keyed
+    retry of a job already accepted is answered, not refused: only new work is shed (the lookup is paid only
+    on refusal; an admitted submit's claim does the same check in its INSERT)."""
+    try:
+        await state.admission.admit(tenant, record.priority)
+    except Overloaded:
+        claim = await state.ledger.existing_claim(record, sent_hash) if keyed else None
+        if claim is None:
+            raise
+        return claim
+    claim = await state.submitter.submit(record, sent_hash)
+    if claim.created:
+        state.admission.accepted(tenant, record.priority)
+    return claim
 
 
 @router.get("/v1/requests/{request_id}", name="get_request")
