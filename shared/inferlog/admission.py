@@ -79,11 +79,12 @@ class Admission:
                 f"{_stranded(everyone)}",
                 await self._retry_after(counted - limit + 1), "overloaded")
         if tenant is not None:
-            mine = _tier(await self._count(tenant), priority)
+            theirs = await self._count(tenant)
+            mine = _tier(theirs, priority)
             if mine >= limits.tenant_max_in_flight:
                 raise Overloaded(
                     f"Your {mine} {priority.value} requests in flight reach your limit of "
-                    f"{limits.tenant_max_in_flight}; retry when some finish.{_stranded(await self._count(tenant))}",
+                    f"{limits.tenant_max_in_flight}; retry when some finish.{_stranded(theirs)}",
                     await self._retry_after(mine - limits.tenant_max_in_flight + 1), "tenant_limit")
 
     async def room(self, tenant: str | None, priority: Priority) -> int:
@@ -94,13 +95,13 @@ class Admission:
             free = min(free, self._limits.tenant_max_in_flight - _tier(await self._count(tenant), priority))
         return max(0, free)
 
-    def accepted(self, tenant: str | None, priority: Priority = Priority.INTERACTIVE, n: int = 1) -> None:
-        """Count just-accepted submits until the next refresh (so a burst cannot overshoot)."""
-        batch = n if priority is Priority.BATCH else 0
+    def accepted(self, tenant: str | None, priority: Priority) -> None:
+        """Count a just-accepted submit until the next refresh (so a burst cannot overshoot)."""
+        batch = 1 if priority is Priority.BATCH else 0
         for key in {None, tenant}:
             if key in self._counts:
                 at, count = self._counts[key]
-                self._counts[key] = (at, OpenCount(count.in_flight + n, count.awaiting_redrive, count.batch + batch))
+                self._counts[key] = (at, OpenCount(count.in_flight + 1, count.awaiting_redrive, count.batch + batch))
 
     async def _count(self, tenant: str | None) -> OpenCount:
         cached = self._counts.get(tenant)
