@@ -132,6 +132,9 @@ class JobView:
     """The job key of the job whose dead letter this one was re-driven from (``inferlog dlq redrive``)."""
     redriven_as: tuple[str, ...] = ()
     """The job keys this job's dead letters were re-driven as, oldest first."""
+    chunks: tuple[int, ...] | None = None
+    """Where the text's streamed chunks ended (``ResultRecord.chunks``); read from Postgres only, never kept
+    in the hot view (a stream resumed from the stored result reads it there)."""
 
     @property
     def client_id(self) -> str:
@@ -140,14 +143,14 @@ class JobView:
 
     def to_hot(self) -> dict[str, Any]:
         """The form kept in Redis (inferlog.hot.StatusCache)."""
-        return {**dataclasses.asdict(self), "status": self.status.value, "terminal": self.status.is_terminal(),
-                "rank": self.status.rank}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "chunks"}
+        return {**fields, "status": self.status.value, "terminal": self.status.is_terminal(), "rank": self.status.rank}
 
     @classmethod
     def from_hot(cls, hot: dict[str, Any]) -> JobView:
         fields: dict[str, Any] = {f.name: hot.get(f.name) for f in dataclasses.fields(cls)}
         fields.update(status=Status(hot["status"]), timings=hot.get("timings") or {},
-                      redriven_as=tuple(hot.get("redriven_as") or ()))
+                      redriven_as=tuple(hot.get("redriven_as") or ()), chunks=None)
         return cls(**fields)
 
 
@@ -513,7 +516,7 @@ class RequestLedger:
                 SELECT q.request_id, COALESCE(r.status, q.status) AS status,
                        COALESCE(r.model, q.model) AS model, r.model_version, r.text, r.text_escaped,
                        r.finish_reason,
-                       r.prompt_tokens, r.completion_tokens, r.error, q.tenant,
+                       r.prompt_tokens, r.completion_tokens, r.error, q.tenant, r.chunks,
                        q.timings || COALESCE(r.timings, '{}'::jsonb) AS timings,
                        (SELECT d.original_key FROM dead_letter_redrives d
                          WHERE d.redriven_key = q.request_id) AS redrive_of,
@@ -539,6 +542,7 @@ class RequestLedger:
                 tenant=row["tenant"],
                 redrive_of=row["redrive_of"],
                 redriven_as=tuple(row["redriven_as"]),
+                chunks=tuple(row["chunks"]) if row["chunks"] is not None else None,
             )
             for row in rows
         ]

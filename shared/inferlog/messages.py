@@ -220,6 +220,10 @@ class ResultRecord(_Record):
     timings: Timings = Field(default_factory=Timings)
     worker_id: Name | None = None
     tenant: Name | None = None
+    chunks: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(default=None, repr=False)
+    """Where the streamed chunks of ``text`` ended: chunk N (the worker's sequence number N, from 1) is
+    ``text[chunks[N-2]:chunks[N-1]]``, so a stream cursor (``starting_after=N``) stays valid after the live
+    stream is gone. Absent when nothing was streamed: the whole text is then chunk 1."""
 
     @field_validator("status")
     @classmethod

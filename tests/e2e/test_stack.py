@@ -135,9 +135,11 @@ async def test_long_poll_returns_when_the_job_ends(http: httpx.AsyncClient) -> N
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "wait"
 
 
-async def _sse_events(http: httpx.AsyncClient, request_id: str) -> list[tuple[str, dict[str, Any]]]:
+async def _sse_events(http: httpx.AsyncClient, request_id: str, after: int | None = None
+                      ) -> list[tuple[str, dict[str, Any]]]:
     events = []
-    async with http.stream("GET", f"/v1/requests/{request_id}/stream", timeout=60) as response:
+    params = {} if after is None else {"starting_after": after}
+    async with http.stream("GET", f"/v1/requests/{request_id}/stream", params=params, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         event = None
@@ -146,19 +148,41 @@ async def _sse_events(http: httpx.AsyncClient, request_id: str) -> list[tuple[st
                 event = line[7:]
             elif line.startswith("data: "):
                 events.append((event or "", json.loads(line[6:])))
+                if event == "done":  # every read of the job answers terminal from here (issue 12)
+                    after_done = (await http.get(f"/v1/requests/{request_id}")).json()
+                    assert after_done["status"] == events[-1][1]["status"], "a poll right after done disagreed"
     return events
 
 
-async def test_stream_gives_late_clients_the_text_so_far_then_the_rest(http: httpx.AsyncClient) -> None:
+def _deltas(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, str]]:
+    return [(data["seq"], data["text"]) for name, data in events if name == "delta"]
+
+
+async def test_stream_gives_late_clients_the_text_so_far_then_the_rest(stack: RunningStack,
+                                                                        http: httpx.AsyncClient) -> None:
     request_id = await submit(http, messages=CHAT, max_tokens=120, ignore_eos=True)
     await eventually(lambda: _status_is(http, request_id, "running"), timeout=30, interval=0.05)
     await asyncio.sleep(0.5)  # join late: some text exists already
-    early, late = await asyncio.gather(_sse_events(http, request_id), _sse_events(http, request_id))
+    early, late, resumed = await asyncio.gather(_sse_events(http, request_id), _sse_events(http, request_id),
+                                                _sse_events(http, request_id, after=7))
     job = await wait_terminal(http, request_id)
     for events in (early, late):
         assert events[-1] == ("done", {"status": "completed", "finish_reason": "length", "completion_tokens": 120})
-        streamed = "".join(data["text"] for name, data in events if name == "delta")
-        assert streamed == job["result"]["text"]
+        deltas = _deltas(events)
+        assert [seq for seq, _ in deltas] == list(range(1, len(deltas) + 1)), "chunks not numbered 1, 2, ..."
+        assert "".join(text for _, text in deltas) == job["result"]["text"]
+    whole = _deltas(early)
+    assert len(whole) > 10
+    assert _deltas(resumed) == whole[7:], "starting_after=7 did not give exactly the chunks after 7"
+
+    # Once the live stream is gone (expired), a cursor resumes from the chunk ends kept with the result.
+    redis = Redis.from_url(stack.settings.redis_url, decode_responses=True)
+    try:
+        assert await redis.delete(Keys(stack.settings.redis_prefix).stream(request_id)) == 1
+    finally:
+        await redis.aclose()
+    assert _deltas(await _sse_events(http, request_id, after=3)) == whole[3:]
+    assert _deltas(await _sse_events(http, request_id, after=len(whole))) == []
 
 
 async def _status_is(http: httpx.AsyncClient, request_id: str, status: str) -> bool:

@@ -29,7 +29,7 @@ from inferlog.messages import (
 )
 from inferlog.topics import Topics
 from inferlog_worker.admission import Capacity, KvAdmission
-from inferlog_worker.dispatch import GpuWorker, SideChannels
+from inferlog_worker.dispatch import GpuWorker, SideChannels, _Work
 from inferlog_worker.runner import EngineFailed, GenerationDone, GenerationJob
 
 # Each test on a fresh event loop of its own with fake time: the session's shared loop can hold what earlier
@@ -604,6 +604,7 @@ async def test_deltas_go_out_as_they_come_and_a_flush_in_flight_at_shutdown_is_n
     stop = asyncio.Event()
     running = asyncio.create_task(r.worker.run(stop))
     await asyncio.sleep(0.1)
+    r.worker._work["a"] = _Work(record=TokenizedRecord.model_validate_json(_raw("a", 0).value), lease="w1/x")
     r.worker._on_text("a", "one")
     await asyncio.sleep(0.05)
     assert deltas.calls == 1, "a waiting delta was not flushed at once"
@@ -611,7 +612,9 @@ async def test_deltas_go_out_as_they_come_and_a_flush_in_flight_at_shutdown_is_n
     stop.set()
     asyncio.get_running_loop().call_later(0.3, deltas.gate.set)  # the slow round trip answers after the stop
     await asyncio.wait_for(running, timeout=10)
-    assert deltas.sent == [("a", {"d": "one"}), ("a", {"d": " two"})], "a delta was lost or reordered on the way out"
+    assert deltas.sent == [("a", {"d": "one", "n": "1", "a": "w1/x"}), ("a", {"d": " two", "n": "2", "a": "w1/x"})], \
+        "a delta was lost, misnumbered or reordered on the way out"
+    assert r.worker._work["a"].chunk_ends == [3, 7]
 
 
 class TwoTierConsumer(FakeConsumer):

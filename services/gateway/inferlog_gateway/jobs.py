@@ -4,10 +4,9 @@ the source of truth and the fallback whenever Redis misses or is down (DESIGN.md
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
@@ -84,49 +83,100 @@ class JobReader:
                 log.warning("cancel of %s recorded in the ledger only (Redis: %s)", request_id, exc)
         return job
 
-    async def stream(self, request_id: str, view: JobView) -> AsyncIterator[str]:
-        """Server-Sent Events: ``delta`` events with the text so far, then the rest as it is generated, then
-        one ``done`` event with the terminal status. Without Redis it degrades to waiting for the result."""
-        if self._deltas is None:
-            async for event in self._stream_from_store(request_id, view):
-                yield event
-            return
-        last = "0"
-        try:
-            while True:
+    async def settled(self, request_id: str) -> JobView:
+        """The job once the store holds its terminal result, however long that takes, and once every read
+        answers it: a hot view still saying ``running`` is moved forward (a stream that said ``done`` must
+        never be followed by a poll that says otherwise, on this gateway or any other)."""
+        while True:
+            job = await self.wait(request_id, WAIT_STEP_S)
+            if job is not None and job.status.is_terminal():
+                break
+        if self._hot is not None:
+            try:
                 async with self._guard():
-                    entries = await self._deltas.read(request_id, last, block_ms=1000)
-                for entry_id, fields in entries:
-                    last = entry_id
-                    if "d" in fields:
-                        yield _sse("delta", {"text": fields["d"]})
-                    if "end" in fields:
-                        yield _sse("done", {"status": fields["end"], "finish_reason": fields.get("finish_reason"),
-                                            "completion_tokens": int(fields.get("completion_tokens") or 0)})
-                        return
-                if not entries:  # ended without a stream (refused, failed early, or Redis lost it)?
-                    current = await self._ledger.get(request_id)
-                    if current is not None and current.status.is_terminal():
-                        if last == "0" and current.text:
-                            yield _sse("delta", {"text": current.text})
-                        yield _sse("done", _done_fields(current))
-                        return
-        except (RedisError, OSError) as exc:
-            log.warning("stream of %s degrades to polling: %s", request_id, exc)
-            async for event in self._stream_from_store(request_id, view, sent_any=last != "0"):
-                yield event
+                    await self._hot.put_many([job.to_hot()])  # forward only: a later status is never undone
+            except (RedisError, OSError) as exc:
+                log.warning("hot view of %s not moved to %s (%s): polls read Postgres once it is stale",
+                            request_id, job.status.value, exc)
+        return job
 
-    async def _stream_from_store(self, request_id: str, view: JobView, sent_any: bool = False) -> AsyncIterator[str]:
-        job = await self.wait(request_id, 3600) or view
-        if job.text and not sent_any:
-            yield _sse("delta", {"text": job.text})
-        yield _sse("done", _done_fields(job))
+    async def chunks(self, request_id: str, after: int = 0) -> AsyncIterator[Chunk | JobView]:
+        """The job's text in the worker's numbered chunks after chunk ``after``, live while it generates,
+        then its terminal view (``settled``: only once every read answers it). Chunks the live stream lacks
+        (it expired, lost entries or never existed: no Redis) come from the chunk ends kept with the result."""
+        sent = after
+        if self._deltas is not None:
+            try:
+                async for chunk in self._live(request_id, after):
+                    sent = chunk.seq
+                    yield chunk
+            except (RedisError, OSError) as exc:
+                log.warning("stream of %s degrades to the stored result: %s", request_id, exc)
+        job = await self.settled(request_id)
+        if job.chunks is None and job.text:
+            # A hot view: the chunk ends are kept in Postgres only. Unreadable, the stream breaks (raises)
+            # rather than number the rest wrongly: its client resumes with the cursor it has.
+            job = await self._ledger.get(request_id) or job
+        for chunk in stored_chunks(job, after=sent):
+            yield chunk
+        yield job
+
+    async def _live(self, request_id: str, after: int) -> AsyncIterator[Chunk]:
+        """The live stream's chunks after ``after``, until its end entry, a gap in its numbering (entries
+        Redis did not take) or, when no entry comes, the job found terminal. A second attempt (a takeover)
+        numbers its chunks from 1 again: those already sent are skipped, and the first attempt's late
+        entries are ignored once the second's appear."""
+        assert self._deltas is not None
+        last, attempt, superseded, sent = "0", None, set(), after
+        while True:
+            async with self._guard():
+                entries = await self._deltas.read(request_id, last, block_ms=1000)
+            for entry_id, fields in entries:
+                last = entry_id
+                if "end" in fields:
+                    return
+                if "d" not in fields or not fields.get("n", "").isdigit() or fields.get("a") in superseded:
+                    continue
+                if fields.get("a") != attempt:
+                    if attempt is not None:
+                        superseded.add(attempt)
+                    attempt = fields.get("a")
+                seq = int(fields["n"])
+                if seq <= sent:
+                    continue
+                if seq != sent + 1:
+                    return  # a chunk is missing: the stored result has it
+                sent = seq
+                yield Chunk(seq, fields["d"])
+            if not entries:
+                current = await self._ledger.get(request_id)
+                if current is not None and current.status.is_terminal():
+                    return
 
 
-def _done_fields(job: JobView) -> dict[str, Any]:
-    return {"status": job.status.value, "finish_reason": job.finish_reason,
-            "completion_tokens": job.completion_tokens or 0}
+WAIT_STEP_S = 60.0
 
 
-def _sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+@dataclass(frozen=True)
+class Chunk:
+    seq: int
+    """The worker's sequence number, from 1: a stream resumes after it (``starting_after``)."""
+    text: str
+
+
+def stored_chunks(job: JobView, after: int = 0) -> list[Chunk]:
+    """The stored text cut where the worker's chunks ended, after chunk ``after``; the whole text is chunk 1
+    when no boundaries were kept. Boundaries are clamped to the text, so a bad one cannot fail a stream."""
+    text = job.text or ""
+    if not text:
+        return []
+    ends = list(job.chunks or ()) or [len(text)]
+    chunks, start = [], 0
+    for seq, end in enumerate(ends, start=1):
+        end = min(max(end, start), len(text))
+        if seq > after:
+            chunks.append(Chunk(seq, text[start:end]))
+        start = end
+    if start < len(text) and len(ends) + 1 > after:
+        chunks.append(Chunk(len(ends) + 1, text[start:]))  # text past the last kept end (never sent live)
+    return chunks

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from inferlog.models import ModelRegistry, RegisteredModel
 from inferlog.publishing import OutboxRelay, Submitter
 from inferlog_gateway.api import Accepted, JobResult, JobStatus
 from inferlog_gateway.intake import Intake, parse_json
-from inferlog_gateway.jobs import JobReader
+from inferlog_gateway.jobs import Chunk, JobReader
 from inferlog_gateway.tenants import TenantKeys
 
 
@@ -134,13 +136,37 @@ async def cancel_request(request_id: str, request: Request) -> JSONResponse:
 
 
 @router.get("/v1/requests/{request_id}/stream")
-async def stream_request(request_id: str, request: Request) -> StreamingResponse:
-    """Token deltas as Server-Sent Events, from the start of the text, ending with a ``done`` event."""
+async def stream_request(request_id: str, request: Request, starting_after: int = Query(default=0, ge=0),
+                         last_event_id: str | None = Header(default=None)) -> StreamingResponse:
+    """The job's text as Server-Sent Events: a ``delta`` event per chunk the worker numbered (``id:`` and
+    ``seq`` are its number, from 1), then one ``done`` event with the terminal status, sent only once every
+    read of the job answers it. ``starting_after=N`` (or ``Last-Event-ID``) resumes after chunk N, on any
+    gateway, from the live stream while Redis keeps it and from the stored result after."""
     state = _state(request)
-    jobs = state.jobs
     job = await _owned(state, request_id, state.keys.tenant_of(request))
-    return StreamingResponse(jobs.stream(job.request_id, job), media_type="text/event-stream",
+    after = starting_after
+    if last_event_id is not None and last_event_id.isdigit():
+        after = max(after, int(last_event_id))
+    return sse_response(_native_events(state.jobs, job.request_id, after))
+
+
+async def _native_events(jobs: JobReader, request_id: str, after: int) -> AsyncIterator[str]:
+    async for item in jobs.chunks(request_id, after):
+        if isinstance(item, Chunk):
+            yield sse({"text": item.text, "seq": item.seq}, event="delta", event_id=item.seq)
+        else:
+            yield sse({"status": item.status.value, "finish_reason": item.finish_reason,
+                       "completion_tokens": item.completion_tokens or 0}, event="done")
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def sse(data: Any, event: str | None = None, event_id: int | None = None) -> str:
+    head = (f"event: {event}\n" if event else "") + (f"id: {event_id}\n" if event_id is not None else "")
+    return f"{head}data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 @router.get("/v1/requests")

@@ -85,6 +85,9 @@ class _Work:
     """Preflights that could not decide (a store unreachable) or attempts that broke before the engine."""
     suspect: bool = False
     """It was in an engine failure: it runs alone (quarantine), and suspects go before other work."""
+    chunk_ends: list[int] = field(default_factory=list)
+    """Where each text chunk this attempt streamed ended (chunk N, the stream's sequence number N, ends at
+    ``chunk_ends[N-1]``); kept with the result so a stream cursor outlives the live stream."""
 
 
 @dataclass
@@ -471,6 +474,7 @@ class GpuWorker:
             # The attempt is on the log (acknowledged) before the model sees the request (contract 4).
             await self._publish([(self._topics.events, request_id, attempt)])
             if not (work.lost or work.cancelled):
+                work.chunk_ends = []  # this attempt's chunks are numbered from 1
                 future = self._runner.submit(GenerationJob(
                     request_id=request_id, input_ids=record.input_ids, max_tokens=params.max_tokens,
                     temperature=params.temperature, top_p=params.top_p, stop=tuple(params.stop),
@@ -501,7 +505,8 @@ class GpuWorker:
             log.warning("lease of %s lost mid-attempt: publishing nothing for it", request_id)
             self._watch_or_drop(work)
             return
-        result = self._result(record, done, admitted_at) if done is not None else self._cancelled(record)
+        result = self._result(record, done, admitted_at, work.chunk_ends) if done is not None \
+            else self._cancelled(record)
         work.state = "publishing"
         await self._publish([(self._topics.results, request_id, result)])
         value = work.lease
@@ -733,7 +738,14 @@ class GpuWorker:
             work.cancelled = True
 
     def _on_text(self, request_id: str, delta: str) -> None:
-        self._deltas.append((request_id, {"d": delta}))
+        """A chunk of text to stream: numbered (``n``, from 1 in each attempt) and tagged with the attempt
+        (``a``, its lease value), so a reader resumes after chunk N and never mixes two attempts' chunks."""
+        work = self._work.get(request_id)
+        if work is None:
+            return
+        ends = work.chunk_ends
+        ends.append((ends[-1] if ends else 0) + len(delta))
+        self._deltas.append((request_id, {"d": delta, "n": str(len(ends)), "a": work.lease or ""}))
         self._deltas_waiting.set()
 
     async def _best_effort(self, call):  # type: ignore[no-untyped-def]
@@ -746,14 +758,15 @@ class GpuWorker:
             log.warning("redis side channel unavailable: %s", exc)
             return None
 
-    def _result(self, record: TokenizedRecord, done: GenerationDone, admitted_at: float) -> ResultRecord:
+    def _result(self, record: TokenizedRecord, done: GenerationDone, admitted_at: float,
+                chunk_ends: list[int]) -> ResultRecord:
         timings = record.timings.merged(admitted_at=admitted_at, first_token_at=done.first_token_at,
                                         completed_at=done.completed_at)
         result = ResultRecord(
             request_id=record.request_id, status=Status.COMPLETED, model=record.model,
             model_version=self._runner.version, tenant=record.tenant, worker_id=self.worker_id, timings=timings,
             usage=Usage(prompt_tokens=len(record.input_ids), completion_tokens=len(done.token_ids)),
-            finish_reason=done.finish_reason, text=done.text)
+            finish_reason=done.finish_reason, text=done.text, chunks=_chunks(chunk_ends, done.text))
         status = FINISH_STATUS[done.finish_reason]
         if done.finish_reason == "error":
             return result.model_copy(update={"status": status, "text": None, "error": ErrorInfo(
@@ -901,3 +914,12 @@ class GpuWorker:
         while True:
             await self._load.publish(self.snapshot())
             await asyncio.sleep(self._load_interval_s)
+
+
+def _chunks(ends: list[int], text: str) -> list[int] | None:
+    """The streamed chunks' ends as the stored text can hold them: none past its end, and a last chunk for
+    any text the stream did not carry (the runner sends the final text only if it extends what it sent)."""
+    if not ends:
+        return None
+    kept = [end for end in ends if end <= len(text)]
+    return kept if kept and kept[-1] == len(text) else [*kept, len(text)]
