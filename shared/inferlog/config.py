@@ -68,6 +68,9 @@ class InferlogSettings(BaseSettings):
     """The model used when a request names none."""
     max_in_flight: int = Field(default=10_000, ge=1)
     """Interactive accepted-but-not-terminal requests above which an interactive submit gets 429."""
+    stream_ttl_s: int = Field(default=3600, ge=10)
+    """How long a job's live stream (its numbered chunks, in Redis) is kept after its last chunk; a cursor
+    (``starting_after``) resumes from it until then, and from the chunk ends kept with the result after."""
     tenant_max_in_flight: int = Field(default=1_000, ge=1)
     """Each tenant's accepted-but-not-terminal requests of one tier above which its submits of that tier get
     429 (``inferlog submit`` feeds a file in as they finish instead)."""

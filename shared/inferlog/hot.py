@@ -175,9 +175,10 @@ class CancelFlags:
 class DeltaStream:
     """Token deltas of one job as a Redis stream: ``{"d": text}`` entries, then ``{"end": status}``."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, ttl_s: int = STREAM_TTL_S) -> None:
         self._redis = redis
         self._keys = keys
+        self._ttl_s = ttl_s
 
     async def append_many(self, deltas: list[tuple[str, dict[str, str]]]) -> None:
         if not deltas:
@@ -186,7 +187,7 @@ class DeltaStream:
             for request_id, fields in deltas:
                 key = self._keys.stream(request_id)
                 pipe.xadd(key, fields)  # type: ignore[arg-type]
-                pipe.expire(key, STREAM_TTL_S)
+                pipe.expire(key, self._ttl_s)
             await pipe.execute()
 
     async def read(self, request_id: str, after: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:

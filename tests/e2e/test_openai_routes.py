@@ -6,6 +6,8 @@ the SDK's own exception classes naming the param, never an InternalServerError."
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -33,6 +35,24 @@ async def test_the_openai_sdk_gets_durable_jobs(make_cluster: MakeCluster) -> No
     again = await client.chat.completions.retrieve(done.id)  # read-your-writes: the job, stored
     assert again.choices[0].message.content == text and again.id == done.id
 
+    # Streamed: OpenAI's chunks, the role first, numbered (SSE id) as the worker numbered them; they join to
+    # the stored completion, which a retrieve made at once returns (a finished stream is a finished job).
+    streamed = await _stream(client, model=TINY, messages=CHAT, temperature=0, max_tokens=30,
+                             stream_options={"include_usage": True})
+    assert streamed.chunks[0].choices[0].delta.role == "assistant"
+    assert streamed.chunks[-1].choices == [] and streamed.chunks[-1].usage is not None
+    assert streamed.chunks[-1].usage.completion_tokens == 30 and streamed.finish_reason == "length"
+    stored = await client.chat.completions.retrieve(streamed.id)
+    assert stored.choices[0].message.content == streamed.text and stored.usage == streamed.chunks[-1].usage
+    plain_stream = await _stream(client, model=TINY, messages=CHAT, temperature=0, max_tokens=8)
+    assert all(c.usage is None for c in plain_stream.chunks), "usage sent without include_usage"
+    assert (await client.chat.completions.retrieve(plain_stream.id)).choices[0].message.content == plain_stream.text
+    text_chunks = [c async for c in await client.completions.create(model=TINY, prompt="Once upon a time",
+                                                                     max_tokens=6, temperature=0, stream=True)]
+    text_id = text_chunks[0].id
+    assert "".join(c.choices[0].text for c in text_chunks if c.choices) == (
+        await _job_text(cluster, text_id)), "completion chunks do not join to the stored text"
+
     # Keyed: the same call twice is one job, one generation (the SDK's extra_headers, as the README shows).
     keyed: dict[str, Any] = {"model": TINY, "messages": CHAT, "max_tokens": 6, "extra_headers": {"Idempotency-Key": "oai-k1"}}
     first = await client.chat.completions.create(**keyed, temperature=0)
@@ -41,6 +61,8 @@ async def test_the_openai_sdk_gets_durable_jobs(make_cluster: MakeCluster) -> No
     # Absent temperature is OpenAI's default (1): sampled, and stored so.
     sampled = await client.chat.completions.create(model=TINY, messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
     assert sampled.choices[0].message.content is not None
+    assert (await _payload(cluster, sampled.id))["params"]["temperature"] == 1.0
+    assert (await _payload(cluster, "oai-k1"))["params"]["temperature"] == 0.0
 
     plain = await client.completions.create(model=TINY, prompt="Once upon a time", max_tokens=5, temperature=0)
     assert plain.choices[0].text and plain.object == "text_completion"
@@ -83,7 +105,7 @@ async def test_the_openai_sdk_gets_durable_jobs(make_cluster: MakeCluster) -> No
             await asyncio.sleep(0.5)
     assert finished is not None and finished.usage is not None and finished.usage.completion_tokens == 450
 
-    ids = [done.id, "oai-k1", sampled.id, plain.id, neutral.id, slow_id]
+    ids = [done.id, "oai-k1", sampled.id, plain.id, neutral.id, slow_id, streamed.id, plain_stream.id, text_id]
     report = await check(cluster.settings, ids)
     assert report.lost == [] and report.generations_by_id == {i: 1 for i in ids}, describe(report)
 
@@ -92,5 +114,37 @@ async def _jobs(cluster: Any) -> int:
     conn = await connect_to_schema(cluster.settings)
     try:
         return int(await conn.fetchval("SELECT count(*) FROM requests"))
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Streamed:
+    id: str
+    text: str
+    finish_reason: str | None
+    chunks: list[Any]
+
+
+async def _stream(client: openai.AsyncOpenAI, **body: Any) -> Streamed:
+    chunks = [chunk async for chunk in await client.chat.completions.create(**body, stream=True)]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len({c.id for c in chunks}) == 1 and len(finish) == 1, "one job's chunks, one finish_reason"
+    return Streamed(chunks[0].id, text, finish[0], chunks)
+
+
+async def _payload(cluster: Any, request_id: str) -> dict[str, Any]:
+    conn = await connect_to_schema(cluster.settings)
+    try:
+        return json.loads(await conn.fetchval("SELECT payload FROM requests WHERE request_id = $1", request_id))  # type: ignore[no-any-return]
+    finally:
+        await conn.close()
+
+
+async def _job_text(cluster: Any, request_id: str) -> str:
+    conn = await connect_to_schema(cluster.settings)
+    try:
+        return str(await conn.fetchval("SELECT text FROM results WHERE request_id = $1", request_id))
     finally:
         await conn.close()

@@ -88,8 +88,8 @@ class Cluster:
     def spawn(self, name: str, service: str, **env: str) -> Proc:
         previous = self.procs.get(name)
         incarnation = previous.incarnation + 1 if previous else 1
-        full_env = dict(os.environ, **settings_env(self.settings), INFERLOG_LOG_LEVEL="INFO",
-                        INFERLOG_GATEWAY_PORT=str(self.gateway_port), **env)
+        full_env = {**os.environ, **settings_env(self.settings), "INFERLOG_LOG_LEVEL": "INFO",
+                    "INFERLOG_GATEWAY_PORT": str(self.gateway_port), **env}
         if service == "gpu-worker":
             full_env.setdefault("INFERLOG_WORKER_WORKER_ID", f"{name}.{incarnation}")
         log = self.workdir / f"{name}.log"

@@ -1,5 +1,5 @@
-"""The OpenAI front door (issue 12), first routes: ``POST /v1/chat/completions`` and ``POST /v1/completions``
-(not streamed yet), and ``GET /v1/chat/completions/{id}``.
+"""The OpenAI front door (issue 12): ``POST /v1/chat/completions`` and ``POST /v1/completions``, plain and
+streamed, and ``GET /v1/chat/completions/{id}``.
 
 Each call is a job like a ``/v1/requests`` submit: mapped by the shared ``openai_request`` (the batch file's
 mapping), checked by the intake as a submit is, admitted, claimed and produced by the same code, generated and
@@ -13,29 +13,31 @@ with ``x-should-retry: false``: the SDK's automatic retry would otherwise start 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-from inferlog.batchfile import completion_object, openai_request
+from inferlog.batchfile import completion_object, openai_request, openai_usage
 from inferlog.errors import InvalidRequest, StoreUnavailable
-from inferlog.identity import job_key
+from inferlog.identity import client_id_of, job_key
 from inferlog.ledger import JobView, request_hash
-from inferlog.messages import SEED_REFUSAL, Priority, Status
+from inferlog.messages import SEED_REFUSAL, Priority, Status, now
 from inferlog_gateway.intake import parse_json
-from inferlog_gateway.routes import MAX_WAIT_S, _mine, _owned, _state, accept, read_body
+from inferlog_gateway.jobs import Chunk, JobReader
+from inferlog_gateway.routes import MAX_WAIT_S, _mine, _owned, _state, accept, read_body, sse, sse_response
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request, idempotency_key: str | None = Header(default=None)) -> JSONResponse:
+async def chat_completions(request: Request, idempotency_key: str | None = Header(default=None)) -> Response:
     return await _call(request, idempotency_key, chat=True)
 
 
 @router.post("/v1/completions")
-async def completions(request: Request, idempotency_key: str | None = Header(default=None)) -> JSONResponse:
+async def completions(request: Request, idempotency_key: str | None = Header(default=None)) -> Response:
     return await _call(request, idempotency_key, chat=False)
 
 
@@ -49,13 +51,11 @@ async def retrieve_chat_completion(request_id: str, request: Request) -> JSONRes
     return _answer(job, chat=True)
 
 
-async def _call(request: Request, idempotency_key: str | None, *, chat: bool) -> JSONResponse:
+async def _call(request: Request, idempotency_key: str | None, *, chat: bool) -> Response:
     state = _state(request)
     tenant = state.keys.tenant_of(request)
     body = parse_json(await read_body(request, state.max_body_bytes))
-    if body.get("stream"):
-        raise InvalidRequest("stream: true is not served on this route yet; stream a job from "
-                             "GET /v1/requests/{id}/stream", param="stream", code="unsupported_parameter")
+    stream, include_usage = _stream_options(body)
     request_id = idempotency_key or uuid.uuid4().hex
     if not 0 < len(request_id) <= 128 or not all(c.isascii() and (c.isalnum() or c in "._:~-") for c in request_id):
         raise InvalidRequest("Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : ~ -",
@@ -69,6 +69,9 @@ async def _call(request: Request, idempotency_key: str | None, *, chat: bool) ->
     sent = request_hash({**body, "route": "chat" if chat else "completions"}, tenant)
     await accept(state, record, tenant, sent, keyed=idempotency_key is not None)
     key = job_key(tenant, request_id)
+    if stream:
+        return sse_response(_chunks(state.jobs, key, record.model, chat=chat, include_usage=include_usage),
+                            headers={"X-Request-Id": request_id})
     try:  # from here the job exists: every answer carries its ID, and none invites a retry that starts another
         job = await _wait(state, key, _wait_budget(request, state.completion_wait_s))
     except StoreUnavailable as exc:
@@ -79,6 +82,57 @@ async def _call(request: Request, idempotency_key: str | None, *, chat: bool) ->
                       f"/v1/chat/completions/{request_id} or /v1/requests/{request_id}.", "server_error",
                       "completion_wait_exceeded")
     return _answer(job, chat=chat)
+
+
+def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage``, strictly typed."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream must be true or false", param="stream")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("stream_options must be an object", param="stream_options")
+    include_usage = (options or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise InvalidRequest("stream_options.include_usage must be true or false",
+                             param="stream_options.include_usage")
+    return bool(stream), bool(include_usage)
+
+
+async def _chunks(jobs: JobReader, key: str, model: str, *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """The job as OpenAI's chunks: one per chunk the worker numbered (its number is the SSE ``id``, the
+    cursor ``GET /v1/requests/{id}/stream?starting_after=N`` resumes from), the role in the first, then one
+    with the ``finish_reason``, the usage chunk if asked, and ``[DONE]`` once every read of the job answers
+    it. A job that ends without completing ends the stream with an error (the SDK raises it)."""
+    client_id, first = client_id_of(key), True
+    head: dict[str, Any] = {"id": client_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                            "created": int(now()), "model": model}
+
+    def chunk(text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        nonlocal first
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if chat:
+            choice["delta"] = ({"role": "assistant"} if first else {}) | ({} if text is None else {"content": text})
+        else:
+            choice["text"] = text or ""
+        first = False
+        return {**head, "choices": [choice],
+                **({"usage": None} if include_usage else {})}
+
+    async for item in jobs.chunks(key):
+        if isinstance(item, Chunk):
+            yield sse(chunk(item.text, None), event_id=item.seq)
+            continue
+        job = item
+        if job.status is not Status.COMPLETED:
+            error = _ended(job)
+            yield sse({"error": error["error"]})
+            return
+        if first:
+            yield sse(chunk("", None))
+        yield sse(chunk(None, job.finish_reason))
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": openai_usage(job)})
+    yield sse("[DONE]")
 
 
 def _wait_budget(request: Request, configured_s: float) -> float:
@@ -111,19 +165,34 @@ def _answer(job: JobView, *, chat: bool) -> JSONResponse:
         return _error(404, job.client_id, f"The job is still {job.status.value}: its completion is not stored yet "
                       f"(GET /v1/requests/{job.client_id}?wait=30 waits for it).", "invalid_request_error",
                       "not_completed")
-    if job.status in (Status.CANCELLED, Status.EXPIRED):  # the client's doing (a cancel, its deadline)
+    content = _ended(job)
+    return JSONResponse(status_code=content.pop("status"), headers={"X-Request-Id": job.client_id,
+                                                                     "x-should-retry": "false"}, content=content)
+
+
+def _ended(job: JobView) -> dict[str, Any]:
+    """A job that ended without completing, in OpenAI's error envelope (with its HTTP status, ``status``):
+    cancelled and expired are the client's doing (400), a refusal is 400, any other failure 500."""
+    if job.status in (Status.CANCELLED, Status.EXPIRED):
         code = "cancelled" if job.status is Status.CANCELLED else "deadline_exceeded"
-        return _error(400, job.client_id, f"The job ended {job.status.value}.", "invalid_request_error", code)
+        return _envelope(400, job.client_id, f"The job ended {job.status.value}.", "invalid_request_error", code)
     error = job.error or {}
     invalid = error.get("type") == "invalid_request_error"
-    return _error(400 if invalid else 500, job.client_id, str(error.get("message") or f"The job ended {job.status.value}."),
-                  "invalid_request_error" if invalid else "server_error", str(error.get("code") or job.status.value),
-                  param=error.get("param"))
+    return _envelope(400 if invalid else 500, job.client_id,
+                     str(error.get("message") or f"The job ended {job.status.value}."),
+                     "invalid_request_error" if invalid else "server_error", str(error.get("code") or job.status.value),
+                     param=error.get("param"))
+
+
+def _envelope(status: int, request_id: str, message: str, kind: str, code: str,
+              param: str | None = None) -> dict[str, Any]:
+    return {"status": status, "error": {"message": message, "type": kind, "param": param, "code": code,
+                                        "request_id": request_id}}
 
 
 def _error(status: int, request_id: str, message: str, kind: str, code: str, param: str | None = None) -> JSONResponse:
     """OpenAI's error envelope, with the job's ID; ``x-should-retry: false`` so the SDK never starts another
     job for an answer this job already has (or will have)."""
-    return JSONResponse(status_code=status, headers={"X-Request-Id": request_id, "x-should-retry": "false"},
-                        content={"error": {"message": message, "type": kind, "param": param, "code": code,
-                                           "request_id": request_id}})
+    content = _envelope(status, request_id, message, kind, code, param)
+    return JSONResponse(status_code=content.pop("status"), content=content,
+                        headers={"X-Request-Id": request_id, "x-should-retry": "false"})

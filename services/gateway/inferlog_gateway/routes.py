@@ -159,9 +159,9 @@ async def _native_events(jobs: JobReader, request_id: str, after: int) -> AsyncI
                        "completion_tokens": item.completion_tokens or 0}, event="done")
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
 
 def sse(data: Any, event: str | None = None, event_id: int | None = None) -> str:

@@ -78,7 +78,7 @@ def build_worker(settings: WorkerSettings, runner: ModelRunner, redis: Redis | N
     if redis is not None:  # each Redis channel behind the shell's adapter: its errors become SideChannelUnavailable
         side = SideChannels(
             ledger=ledger, leases=RedisPort(Leases(redis, keys, settings.worker_id, settings.lease_ttl_ms)),
-            cancels=RedisPort(CancelFlags(redis, keys)), deltas=RedisPort(DeltaStream(redis, keys)))
+            cancels=RedisPort(CancelFlags(redis, keys)), deltas=RedisPort(DeltaStream(redis, keys, common.stream_ttl_s)))
     consumer = make_consumer(
         common.kafka_bootstrap, settings.group_id or topics.group("gpu-workers"), session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms, max_poll_records=settings.max_running)
