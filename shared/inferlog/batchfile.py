@@ -34,6 +34,7 @@ from inferlog.messages import (
     GenerationParams,
     Priority,
     RequestRecord,
+    Status,
     Timings,
 )
 
@@ -233,6 +234,128 @@ def openai_request(body: dict[str, Any], *, request_id: str, tenant: str | None,
             raise InvalidRequest("prompt must be one non-empty string", param="prompt")
         fields["prompt"] = prompt
     return RequestRecord.model_validate(fields)
+
+
+_RESPONSES_UNSUPPORTED = ("tools", "tool_choice", "reasoning", "prompt", "conversation", "include",
+                          "top_logprobs", "max_tool_calls")
+"""Responses API parameters that would change the output (or need state) and are not served."""
+
+
+def responses_request(body: dict[str, Any], *, request_id: str, tenant: str | None, default_model: str,
+                      priority: Priority = Priority.INTERACTIVE) -> RequestRecord:
+    """An OpenAI Responses API body (``POST /v1/responses``) as a request record, through the chat mapping:
+    ``instructions`` is a system message before ``input`` (a string, or messages whose content is a string or
+    input/output text parts), ``max_output_tokens`` is ``max_tokens``. ``previous_response_id`` is refused:
+    a response's conversation is not kept apart from its job, so the client sends it in ``input``."""
+    for name in _RESPONSES_UNSUPPORTED:
+        if body.get(name) not in (None, False, [], {}, "", "auto", "none", "disabled"):
+            raise InvalidRequest(f"{name} is not supported", param=name, code="unsupported_parameter")
+    if body.get("previous_response_id") is not None:
+        raise InvalidRequest("previous_response_id is not supported: send the earlier turns in input (a "
+                             "response's own messages are the job's, GET /v1/responses/{id})",
+                             param="previous_response_id", code="unsupported_parameter")
+    text = body.get("text")
+    if text not in (None, {}) and text != {"format": {"type": "text"}}:
+        raise InvalidRequest("only text output is supported", param="text", code="unsupported_parameter")
+    if body.get("truncation") not in (None, "disabled"):
+        raise InvalidRequest("only truncation = disabled is supported", param="truncation",
+                             code="unsupported_parameter")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise InvalidRequest("instructions must be a string", param="instructions")
+    given = body.get("input")
+    if isinstance(given, str) and given:
+        messages: list[Any] = [{"role": "user", "content": given}]
+    elif isinstance(given, list) and given:
+        messages = [_response_input_item(item, i) for i, item in enumerate(given)]
+    else:
+        raise InvalidRequest("input must be a non-empty string or list of messages", param="input")
+    if instructions:
+        messages = [{"role": "system", "content": instructions}, *messages]
+    chat = {"model": body.get("model"), "messages": messages, "max_tokens": body.get("max_output_tokens"),
+            "temperature": body.get("temperature"), "top_p": body.get("top_p")}
+    try:
+        return openai_request(chat, request_id=request_id, tenant=tenant, default_model=default_model, chat=True,
+                              priority=priority)
+    except InvalidRequest as exc:
+        raise as_responses_error(exc, instructions=bool(instructions)) from exc
+
+
+def as_responses_error(exc: InvalidRequest, *, instructions: bool) -> InvalidRequest:
+    """A refusal of the chat mapping naming the Responses API's own params (``max_output_tokens``, and
+    ``input.N`` or ``instructions`` for ``messages.N``)."""
+    param = exc.param or ""
+    if param == "max_tokens":
+        param = "max_output_tokens"
+    elif param.startswith("messages"):
+        parts = param.split(".")
+        if len(parts) > 1 and parts[1].isdigit():
+            index = int(parts[1]) - instructions
+            parts[:2] = ["instructions"] if index < 0 else ["input", str(index)]
+        else:
+            parts[0] = "input"
+        param = ".".join(parts)
+    return InvalidRequest(exc.message.replace("max_tokens", "max_output_tokens"), param=param or None,
+                          code=exc.code)
+
+
+def _response_input_item(item: Any, index: int) -> dict[str, Any]:
+    """One ``input`` item: a message (``type`` absent or ``message``) with string content or text parts."""
+    if not isinstance(item, dict) or item.get("type", "message") != "message":
+        raise InvalidRequest(f"input[{index}]: only messages are supported", param=f"input.{index}",
+                             code="unsupported_parameter")
+    content = item.get("content")
+    if isinstance(content, list):
+        if any(not isinstance(p, dict) or p.get("type") not in ("input_text", "output_text", "text")
+               or not isinstance(p.get("text"), str) for p in content):
+            raise InvalidRequest(f"input[{index}]: only text content parts are supported",
+                                 param=f"input.{index}.content", code="unsupported_parameter")
+        content = [{"type": "text", "text": p["text"]} for p in content]
+    return {"role": item.get("role"), "content": content}
+
+
+RESPONSE_STATUS = {Status.RECEIVED: "queued", Status.QUEUED: "queued", Status.TOKENIZED: "queued",
+                   Status.RUNNING: "in_progress", Status.COMPLETED: "completed", Status.FAILED: "failed",
+                   Status.CANCELLED: "cancelled", Status.EXPIRED: "incomplete"}
+"""inferlog's statuses as the Responses API's: a job whose deadline passed is ``incomplete``, and so is one
+that stopped at ``max_output_tokens`` (finish_reason ``length``), as OpenAI reports it."""
+
+
+def response_object(view: JobView, *, background: bool | None = None) -> dict[str, Any]:
+    """A job as OpenAI's ``response`` object. Its ``id`` is the job's ID; its one output item holds the text
+    (also while it is partial: an expired job's)."""
+    status = RESPONSE_STATUS[view.status]
+    incomplete = None
+    if view.status is Status.COMPLETED and view.finish_reason == "length":
+        status, incomplete = "incomplete", {"reason": "max_output_tokens"}
+    elif view.status is Status.EXPIRED:
+        incomplete = {"reason": "deadline_exceeded"}
+    output = []
+    if view.text is not None and view.status in (Status.COMPLETED, Status.EXPIRED):
+        output.append(response_message(view, "completed" if status == "completed" else "incomplete"))
+    error = None
+    if view.status is Status.FAILED:
+        error = {"code": str((view.error or {}).get("code") or "server_error"),
+                 "message": str((view.error or {}).get("message") or "The job failed.")}
+    prompt, completion = view.prompt_tokens or 0, view.completion_tokens or 0
+    return {"id": view.client_id, "object": "response",
+            "created_at": int(view.timings.get("received_at") or view.timings.get("queued_at") or 0),
+            "status": status, "background": background, "model": view.model, "output": output, "error": error,
+            "incomplete_details": incomplete, "instructions": None, "metadata": {}, "parallel_tool_calls": False,
+            "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}}, "previous_response_id": None,
+            "usage": None if not view.status.is_terminal() else {
+                "input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion,
+                "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion}}
+
+
+def response_message(view: JobView, status: str, text: str | None = None) -> dict[str, Any]:
+    """The response's one output item: an assistant message of one ``output_text`` part."""
+    return {"type": "message", "id": f"msg_{view.client_id}", "status": status, "role": "assistant",
+            "content": [] if status == "in_progress" else [response_text_part(view.text if text is None else text)]}
+
+
+def response_text_part(text: str | None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text or "", "annotations": [], "logprobs": []}
 
 
 def _is_utf8(text: str) -> bool:

@@ -148,3 +148,63 @@ async def _job_text(cluster: Any, request_id: str) -> str:
         return str(await conn.fetchval("SELECT text FROM results WHERE request_id = $1", request_id))
     finally:
         await conn.close()
+
+
+async def test_responses_are_jobs_too(make_cluster: MakeCluster) -> None:
+    """The Responses API: background returns at once and polls to its end; cancel ends a long one
+    ``cancelled``; a streamed response's numbered events resume after any number, with exactly the rest."""
+    cluster = await make_cluster("resp")
+    start_pipeline(cluster)
+    await cluster.wait_ready()
+    client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+
+    queued = await client.responses.create(model=TINY, input=[{"role": "user", "content": "Hello"}],
+                                           instructions="Be brief.", max_output_tokens=12, temperature=0,
+                                           background=True)
+    assert queued.status in ("queued", "in_progress") and queued.output == []
+    ended = queued
+    for _ in range(200):
+        ended = await client.responses.retrieve(queued.id)
+        if ended.status not in ("queued", "in_progress"):
+            break
+        await asyncio.sleep(0.1)
+    # The tiny random model does not stop by itself: it ends at max_output_tokens, which OpenAI calls incomplete.
+    assert ended.status == "incomplete" and ended.incomplete_details is not None, ended
+    assert ended.incomplete_details.reason == "max_output_tokens" and ended.output_text
+    assert ended.usage is not None and ended.usage.output_tokens == 12
+
+    long = await client.responses.create(model=TINY, input="Go on.", max_output_tokens=450, background=True)
+    for _ in range(100):  # cancel it while it generates
+        if (await client.responses.retrieve(long.id)).status == "in_progress":
+            break
+        await asyncio.sleep(0.05)
+    cancelled = await client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled", cancelled
+    assert (await client.responses.retrieve(long.id)).status == "cancelled"
+
+    events = [e async for e in await client.responses.create(model=TINY, input="Once upon a time",
+                                                             max_output_tokens=40, temperature=0, stream=True)]
+    numbers = [e.sequence_number for e in events]
+    assert numbers == list(range(len(events))), "events not numbered 0, 1, 2, ..."
+    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+    streamed_id = events[0].response.id
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    stored = await client.responses.retrieve(streamed_id)  # read-your-writes after the stream's end
+    assert "".join(deltas) == stored.output_text and stored.status == "incomplete"
+    for after in (2, 10, numbers[-3]):
+        resumed = [e async for e in await client.responses.retrieve(streamed_id, stream=True, starting_after=after)]
+        assert [(e.sequence_number, e.type) for e in resumed] == [(e.sequence_number, e.type) for e in events[after + 1:]]
+        assert [e.delta for e in resumed if e.type == "response.output_text.delta"] == deltas[max(0, after - 3):]
+
+    # Bad input names the Responses API's params.
+    for bad, param in [({"max_output_tokens": -1}, "max_output_tokens"), ({"previous_response_id": queued.id},
+                       "previous_response_id"), ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
+                       ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+                        "input.0.content")]:
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.responses.create(**{"model": TINY, "input": "x", **bad})
+        assert raised.value.body is not None and raised.value.body.get("param") == param, (bad, raised.value.body)
+
+    ids = [queued.id, long.id, streamed_id]
+    report = await check(cluster.settings, ids)
+    assert report.lost == [] and report.generations_by_id == {i: 1 for i in ids}, describe(report)

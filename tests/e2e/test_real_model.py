@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from inferlog.config import DEFAULT_MODEL_NAME
@@ -26,9 +28,39 @@ async def test_greedy_smollm2_knows_the_capital_of_france(run_id: str, tiny_dir:
                     "max_tokens": 32})
                 assert response.status_code == 202
                 job = await wait_terminal(http, response.json()["id"])
+            await _the_openai_sdk_asks_the_same(stack.url)
         assert job["status"] == "completed", job
         assert "Paris" in job["result"]["text"]
         assert job["result"]["finish_reason"] == "stop"
         assert job["model"] == DEFAULT_MODEL_NAME
     finally:
         await drop_schema(settings.postgres_schema)
+
+
+async def _the_openai_sdk_asks_the_same(url: str) -> None:
+    """Issue 12, shown 1 and 2 with the real model: the official SDK's chat call answers "Paris"; streamed,
+    the chunks join to the same text; a background response is queued at once and polled to completed."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = await client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=question, temperature=0,  # type: ignore[arg-type]
+                                                  max_tokens=32)
+    text = answer.choices[0].message.content
+    assert text and "Paris" in text and answer.choices[0].finish_reason == "stop", answer
+    chunks = [c async for c in await client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=question, temperature=0, max_tokens=32, stream=True)]  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert (await client.chat.completions.retrieve(chunks[0].id)).choices[0].message.content == text
+    models = {m.id: m.model_extra for m in (await client.models.list()).data}
+    assert models[DEFAULT_MODEL_NAME]["served"] is True and models[DEFAULT_MODEL_NAME]["version"]
+
+    queued = await client.responses.create(model=DEFAULT_MODEL_NAME, input="What is the capital of France?",
+                                           instructions="Answer in one sentence.", background=True,
+                                           temperature=0, max_output_tokens=48)
+    assert queued.status in ("queued", "in_progress")
+    response = queued
+    for _ in range(240):
+        response = await client.responses.retrieve(queued.id)
+        if response.status not in ("queued", "in_progress"):
+            break
+        await asyncio.sleep(0.25)
+    assert response.status == "completed" and "Paris" in response.output_text, response

@@ -19,7 +19,7 @@ from inferlog.ledger import RequestLedger
 from inferlog.models import ModelRegistry
 from inferlog.publishing import OutboxRelay, Submitter
 from inferlog.topics import Topics, ensure_topics
-from inferlog_gateway import errors, openai_routes
+from inferlog_gateway import errors, openai_routes, responses_routes
 from inferlog_gateway.intake import Intake
 from inferlog_gateway.jobs import JobReader
 from inferlog_gateway.routes import GatewayState, router
@@ -84,6 +84,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     errors.install(app, settings.retry_after_s)
     app.include_router(router)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     return app
 
 

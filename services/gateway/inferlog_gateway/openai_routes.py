@@ -55,11 +55,8 @@ async def _call(request: Request, idempotency_key: str | None, *, chat: bool) ->
     state = _state(request)
     tenant = state.keys.tenant_of(request)
     body = parse_json(await read_body(request, state.max_body_bytes))
-    stream, include_usage = _stream_options(body)
-    request_id = idempotency_key or uuid.uuid4().hex
-    if not 0 < len(request_id) <= 128 or not all(c.isascii() and (c.isalnum() or c in "._:~-") for c in request_id):
-        raise InvalidRequest("Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : ~ -",
-                             param="Idempotency-Key")
+    stream, include_usage = stream_options(body)
+    request_id = call_id(idempotency_key)
     given = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
     record = openai_request(body, request_id=request_id, tenant=tenant, default_model=state.registry.default_name,
                             chat=chat, priority=Priority.INTERACTIVE)
@@ -73,18 +70,27 @@ async def _call(request: Request, idempotency_key: str | None, *, chat: bool) ->
         return sse_response(_chunks(state.jobs, key, record.model, chat=chat, include_usage=include_usage),
                             headers={"X-Request-Id": request_id})
     try:  # from here the job exists: every answer carries its ID, and none invites a retry that starts another
-        job = await _wait(state, key, _wait_budget(request, state.completion_wait_s))
+        job = await wait_for_job(state, key, wait_budget(request, state.completion_wait_s))
     except StoreUnavailable as exc:
-        return _error(503, request_id, f"The job was accepted; its result cannot be read now ({exc}): fetch it "
+        return error_response(503, request_id, f"The job was accepted; its result cannot be read now ({exc}): fetch it "
                       f"with GET /v1/chat/completions/{request_id}.", "server_error", "store_unavailable")
     if job is None or not job.status.is_terminal():
-        return _error(504, request_id, "The job did not end within the wait; it goes on: fetch it with GET "
+        return error_response(504, request_id, "The job did not end within the wait; it goes on: fetch it with GET "
                       f"/v1/chat/completions/{request_id} or /v1/requests/{request_id}.", "server_error",
                       "completion_wait_exceeded")
     return _answer(job, chat=chat)
 
 
-def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+def call_id(idempotency_key: str | None) -> str:
+    """The job ID of a call: its ``Idempotency-Key``, or a fresh one."""
+    request_id = idempotency_key or uuid.uuid4().hex
+    if not 0 < len(request_id) <= 128 or not all(c.isascii() and (c.isalnum() or c in "._:~-") for c in request_id):
+        raise InvalidRequest("Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : ~ -",
+                             param="Idempotency-Key")
+    return request_id
+
+
+def stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
     """``stream`` and ``stream_options.include_usage``, strictly typed."""
     stream, options = body.get("stream"), body.get("stream_options")
     if stream is not None and not isinstance(stream, bool):
@@ -135,7 +141,7 @@ async def _chunks(jobs: JobReader, key: str, model: str, *, chat: bool, include_
     yield sse("[DONE]")
 
 
-def _wait_budget(request: Request, configured_s: float) -> float:
+def wait_budget(request: Request, configured_s: float) -> float:
     """How long to wait: the setting, and never past the client's own timeout (the Stainless SDKs, OpenAI's
     among them, send it): a client that times out first would retry, and unkeyed, start another job."""
     try:
@@ -145,7 +151,7 @@ def _wait_budget(request: Request, configured_s: float) -> float:
     return max(0.1, min(configured_s, client_s - 5.0))
 
 
-async def _wait(state: Any, key: str, wait_s: float) -> JobView | None:
+async def wait_for_job(state: Any, key: str, wait_s: float) -> JobView | None:
     """The job once terminal, or as it stands when ``wait_s`` ran out (each wait on the store's
     notification, at most the long-poll's bound)."""
     left, job = wait_s, None
@@ -162,7 +168,7 @@ def _answer(job: JobView, *, chat: bool) -> JSONResponse:
     if job.status is Status.COMPLETED:
         return JSONResponse(completion_object(job, chat=chat), headers={"X-Request-Id": job.client_id})
     if not job.status.is_terminal():
-        return _error(404, job.client_id, f"The job is still {job.status.value}: its completion is not stored yet "
+        return error_response(404, job.client_id, f"The job is still {job.status.value}: its completion is not stored yet "
                       f"(GET /v1/requests/{job.client_id}?wait=30 waits for it).", "invalid_request_error",
                       "not_completed")
     content = _ended(job)
@@ -190,7 +196,7 @@ def _envelope(status: int, request_id: str, message: str, kind: str, code: str,
                                         "request_id": request_id}}
 
 
-def _error(status: int, request_id: str, message: str, kind: str, code: str, param: str | None = None) -> JSONResponse:
+def error_response(status: int, request_id: str, message: str, kind: str, code: str, param: str | None = None) -> JSONResponse:
     """OpenAI's error envelope, with the job's ID; ``x-should-retry: false`` so the SDK never starts another
     job for an answer this job already has (or will have)."""
     content = _envelope(status, request_id, message, kind, code, param)
