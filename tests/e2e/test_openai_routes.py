@@ -10,10 +10,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
-from tests.conftest import TINY, connect_to_schema
+from tests.conftest import TINY, connect_to_schema, free_port
 from tests.faults.conftest import MakeCluster, start_pipeline
 from tests.faults.harness import check, describe
 
@@ -208,3 +209,41 @@ async def test_responses_are_jobs_too(make_cluster: MakeCluster) -> None:
     ids = [queued.id, long.id, streamed_id]
     report = await check(cluster.settings, ids)
     assert report.lost == [] and report.generations_by_id == {i: 1 for i in ids}, describe(report)
+
+
+async def test_a_broken_stream_resumes_on_another_gateway_with_exactly_the_rest(make_cluster: MakeCluster) -> None:
+    """A client streaming a chat completion loses its connection half-way; it resumes through a second
+    gateway process with ``starting_after`` (the number of chunks it had) and gets exactly the rest, live:
+    the halves join to the stored text, and the job was generated once (attempt events on the log)."""
+    cluster = await make_cluster("resume")
+    start_pipeline(cluster)
+    other_port = free_port()
+    cluster.spawn("gw2", "gateway", INFERLOG_GATEWAY_PORT=str(other_port))
+    await cluster.wait_ready()
+    client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+
+    first: list[str] = []
+    stream = await client.chat.completions.create(model=TINY, messages=CHAT, max_tokens=450, temperature=0,  # type: ignore[arg-type]
+                                                  stream=True)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first.append(chunk.choices[0].delta.content)
+        if len(first) == 40:
+            break
+    await stream.close()  # the connection drops half-way
+    job_id = chunk.id
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{other_port}", timeout=60) as other:
+        status = (await other.get(f"/v1/requests/{job_id}")).json()["status"]
+        assert status == "running", f"the job was {status} at the break: the resume would not be live"
+        rest: list[tuple[int, str]] = []
+        async with other.stream("GET", f"/v1/requests/{job_id}/stream", params={"starting_after": 40}) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and '"seq"' in line:
+                    data = json.loads(line[6:])
+                    rest.append((data["seq"], data["text"]))
+        after = (await other.get(f"/v1/requests/{job_id}")).json()  # read-your-writes, on the other gateway
+    assert after["status"] == "completed" and after["result"]["usage"]["completion_tokens"] == 450
+    assert [seq for seq, _ in rest] == list(range(41, 41 + len(rest))), "not exactly the chunks after 40"
+    assert "".join(first) + "".join(text for _, text in rest) == after["result"]["text"]
+    report = await check(cluster.settings, [job_id])
+    assert report.lost == [] and report.generations_by_id == {job_id: 1}, describe(report)

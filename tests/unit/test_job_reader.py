@@ -3,12 +3,13 @@ of its terminal status may have failed to reach Redis, and the job would look un
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from inferlog.ledger import JobView
 from inferlog.messages import Status
-from inferlog_gateway.jobs import HOT_FRESH_S, JobReader
+from inferlog_gateway.jobs import HOT_FRESH_S, JobReader, stored_chunks
 
 
 def _view(status: Status) -> JobView:
@@ -46,3 +47,83 @@ async def test_a_fresh_or_terminal_hot_view_is_answered_from_redis() -> None:
     old_terminal = {**_view(Status.FAILED).to_hot(), "hot_at": 0}
     assert (await JobReader(ledger, Hot(old_terminal)).get("j")).status is Status.FAILED  # type: ignore[arg-type, union-attr]
     assert ledger.reads == 0
+
+
+class HotStore(Hot):
+    """A hot view that writes forward only, by rank, as StatusCache's script does."""
+
+    async def put_many(self, views: list[dict[str, Any]]) -> None:
+        for view in views:
+            if view["rank"] >= self.view.get("rank", 0):
+                self.view = {**view, "hot_at": time.time()}
+
+    async def wait_done(self, request_id: str, timeout: float, is_done: Any) -> bool:
+        if not await is_done():
+            await asyncio.sleep(0.01)  # (the real one waits for the store's notification)
+        return bool(await is_done())
+
+
+class Deltas:
+    """The worker's chunks of one attempt, then its end entry: it reaches Redis before the store's write."""
+
+    def __init__(self, entries: list[dict[str, str]]) -> None:
+        self.entries = [(f"{i + 1}-0", e) for i, e in enumerate(entries)]
+
+    async def read(self, request_id: str, after: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
+        return [e for e in self.entries if after == "0" or int(e[0].split("-")[0]) > int(after.split("-")[0])]
+
+
+async def test_a_stream_ends_only_once_every_read_answers_the_job_terminal() -> None:
+    """The worker's end entry comes before the store has written the result; the reader waits for the store
+    and moves a hot view still saying running forward, so a poll right after ``done`` cannot say running."""
+    done = JobView(**{**_view(Status.COMPLETED).__dict__, "text": "abcdef", "chunks": (2, 4, 6)})
+
+    class Store:
+        terminal = False
+
+        async def get(self, request_id: str) -> JobView:
+            return done if self.terminal else _view(Status.RUNNING)
+
+    store = Store()
+    hot = HotStore({**_view(Status.RUNNING).to_hot(), "hot_at": time.time()})
+    deltas = Deltas([{"d": "ab", "n": "1", "a": "w/1"}, {"d": "cd", "n": "2", "a": "w/1"}, {"end": "completed"}])
+    reader = JobReader(store, hot, deltas=deltas)  # type: ignore[arg-type]
+    items = reader.chunks("j")
+    assert [(c.seq, c.text) for c in [await anext(items), await anext(items)]] == [(1, "ab"), (2, "cd")]
+    ending = asyncio.ensure_future(anext(items))
+    await asyncio.sleep(0.05)
+    assert not ending.done(), "the stream went on past the end entry before the store held the result"
+    store.terminal = True
+    chunk = await asyncio.wait_for(ending, timeout=2)
+    assert (chunk.seq, chunk.text) == (3, "ef"), "the chunk the live stream lacked was not taken from the result"
+    assert await anext(items) == done
+    assert (await reader.get("j")).status is Status.COMPLETED  # type: ignore[union-attr]
+
+
+async def test_a_second_attempt_continues_the_numbering_and_the_first_is_ignored_after() -> None:
+    store_view = JobView(**{**_view(Status.COMPLETED).__dict__, "text": "abcdef", "chunks": (2, 4, 6)})
+
+    class Store:
+        async def get(self, request_id: str) -> JobView:
+            return store_view
+
+    deltas = Deltas([{"d": "ab", "n": "1", "a": "w1/1"}, {"d": "ab", "n": "1", "a": "w2/1"},
+                     {"d": "XX", "n": "2", "a": "w1/1"}, {"d": "cd", "n": "2", "a": "w2/1"},
+                     {"d": "ef", "n": "3", "a": "w2/1"}, {"end": "completed"}])
+    reader = JobReader(Store(), HotStore({}), deltas=deltas)  # type: ignore[arg-type]
+    got = [item async for item in reader.chunks("j", after=1)]
+    assert [(c.seq, c.text) for c in got[:-1]] == [(2, "cd"), (3, "ef")]  # type: ignore[union-attr]
+
+
+def test_stored_chunks_cut_the_text_where_the_worker_did_and_never_fail_on_bad_ends() -> None:
+    def cut(text: str | None, ends: tuple[int, ...] | None, after: int = 0) -> list[tuple[int, str]]:
+        view = JobView(**{**_view(Status.COMPLETED).__dict__, "text": text, "chunks": ends})
+        return [(c.seq, c.text) for c in stored_chunks(view, after)]
+
+    assert cut("abcdef", (2, 4, 6)) == [(1, "ab"), (2, "cd"), (3, "ef")]
+    assert cut("abcdef", (2, 4, 6), after=2) == [(3, "ef")]
+    assert cut("abcdef", (2, 4, 6), after=3) == []
+    assert cut("abcdef", None) == [(1, "abcdef")]  # nothing was streamed: the whole text is chunk 1
+    assert cut("abcdef", (4, 2, 99)) == [(1, "abcd"), (2, ""), (3, "ef")]  # clamped, never out of order
+    assert cut("abcdef", (2,), after=1) == [(2, "cdef")]  # text past the last end
+    assert cut(None, (2,)) == [] and cut("", None) == []
