@@ -24,6 +24,12 @@ class Hot:
     async def get(self, request_id: str) -> dict[str, Any]:
         return self.view
 
+    async def put_many(self, views: list[dict[str, Any]]) -> None:
+        """Forward only, by rank, as StatusCache's script writes."""
+        for view in views:
+            if view["rank"] >= self.view.get("rank", 0):
+                self.view = {**view, "hot_at": time.time()}
+
 
 class Ledger:
     reads = 0
@@ -36,8 +42,10 @@ class Ledger:
 async def test_a_stale_hot_view_of_a_running_job_is_checked_against_postgres() -> None:
     ledger = Ledger()
     stale = {**_view(Status.RUNNING).to_hot(), "hot_at": time.time() - HOT_FRESH_S - 1}
-    assert (await JobReader(ledger, Hot(stale)).get("j")).status is Status.COMPLETED  # type: ignore[arg-type, union-attr]
+    hot = Hot(stale)
+    assert (await JobReader(ledger, hot).get("j")).status is Status.COMPLETED  # type: ignore[arg-type, union-attr]
     assert ledger.reads == 1
+    assert hot.view["status"] == "completed", "the stale hot view was not moved forward to the stored result"
 
 
 async def test_a_fresh_or_terminal_hot_view_is_answered_from_redis() -> None:
@@ -50,13 +58,6 @@ async def test_a_fresh_or_terminal_hot_view_is_answered_from_redis() -> None:
 
 
 class HotStore(Hot):
-    """A hot view that writes forward only, by rank, as StatusCache's script does."""
-
-    async def put_many(self, views: list[dict[str, Any]]) -> None:
-        for view in views:
-            if view["rank"] >= self.view.get("rank", 0):
-                self.view = {**view, "hot_at": time.time()}
-
     async def wait_done(self, request_id: str, timeout: float, is_done: Any) -> bool:
         if not await is_done():
             await asyncio.sleep(0.01)  # (the real one waits for the store's notification)

@@ -47,7 +47,7 @@ class JobReader:
                     return JobView.from_hot(hot)
             except (RedisError, OSError) as exc:
                 log.warning("hot status unavailable, reading Postgres: %s", exc)
-        return await self._ledger.get(request_id)
+        return await self._forwarded(await self._ledger.get(request_id))
 
     async def wait(self, request_id: str, wait_s: float) -> JobView | None:
         """The job once terminal, or as it stands after ``wait_s``. Holds no worker resource: it waits on
@@ -69,7 +69,20 @@ class JobReader:
             deadline = asyncio.get_running_loop().time() + wait_s
             while asyncio.get_running_loop().time() < deadline and not await terminal_in_store():
                 await asyncio.sleep(POLL_FALLBACK_S)
-        return await self._ledger.get(request_id)
+        return await self._forwarded(await self._ledger.get(request_id))
+
+    async def _forwarded(self, job: JobView | None) -> JobView | None:
+        """A terminal job read from Postgres, after moving its hot view forward to it: the store writes Redis
+        after Postgres, and once a client has seen the job ended (a wait, a stream's end) no read may answer
+        an earlier status from a hot view not yet written (forward only: a later status is never undone)."""
+        if job is not None and job.status.is_terminal() and self._hot is not None:
+            try:
+                async with self._guard():
+                    await self._hot.put_many([job.to_hot()])
+            except (RedisError, OSError) as exc:
+                log.warning("hot view of %s not moved to %s (%s): polls read Postgres once it is stale",
+                            job.request_id, job.status.value, exc)
+        return job
 
     async def cancel(self, request_id: str) -> JobView | None:
         """Flag the job cancelled in the ledger (durable) and notify the workers (Redis). The stage that
@@ -84,21 +97,13 @@ class JobReader:
         return job
 
     async def settled(self, request_id: str) -> JobView:
-        """The job once the store holds its terminal result, however long that takes, and once every read
-        answers it: a hot view still saying ``running`` is moved forward (a stream that said ``done`` must
-        never be followed by a poll that says otherwise, on this gateway or any other)."""
+        """The job once the store holds its terminal result, however long that takes, read from Postgres and
+        answered by every read from then on (``wait``), so a stream's end is never followed by a poll that
+        says the job still runs, on this gateway or any other."""
         while True:
             job = await self.wait(request_id, WAIT_STEP_S)
             if job is not None and job.status.is_terminal():
-                break
-        if self._hot is not None:
-            try:
-                async with self._guard():
-                    await self._hot.put_many([job.to_hot()])  # forward only: a later status is never undone
-            except (RedisError, OSError) as exc:
-                log.warning("hot view of %s not moved to %s (%s): polls read Postgres once it is stale",
-                            request_id, job.status.value, exc)
-        return job
+                return job
 
     async def chunks(self, request_id: str, after: int = 0) -> AsyncIterator[Chunk | JobView]:
         """The job's text in the worker's numbered chunks after chunk ``after``, live while it generates,
