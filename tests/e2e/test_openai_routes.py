@@ -218,7 +218,7 @@ async def test_a_broken_stream_resumes_on_another_gateway_with_exactly_the_rest(
     cluster = await make_cluster("resume")
     start_pipeline(cluster)
     other_port = free_port()
-    cluster.spawn("gw2", "gateway", INFERLOG_GATEWAY_PORT=str(other_port))
+    cluster.spawn("gw2", "gateway", INFERLOG_GATEWAY_PORT=str(other_port), INFERLOG_GATEWAY_CANCEL_ON_DISCONNECT="true")
     await cluster.wait_ready()
     client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
 
@@ -245,5 +245,22 @@ async def test_a_broken_stream_resumes_on_another_gateway_with_exactly_the_rest(
     assert after["status"] == "completed" and after["result"]["usage"]["completion_tokens"] == 450
     assert [seq for seq, _ in rest] == list(range(41, 41 + len(rest))), "not exactly the chunks after 40"
     assert "".join(first) + "".join(text for _, text in rest) == after["result"]["text"]
-    report = await check(cluster.settings, [job_id])
-    assert report.lost == [] and report.generations_by_id == {job_id: 1}, describe(report)
+
+    # A gateway configured to (INFERLOG_GATEWAY_CANCEL_ON_DISCONNECT) cancels the job of a client that left,
+    # streaming or waiting; the first gateway (the default) let the job above run to its end.
+    cancelling = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{other_port}/v1", api_key="none", max_retries=0)
+    left = await cancelling.chat.completions.create(model=TINY, messages=CHAT, max_tokens=450, stream=True)  # type: ignore[arg-type]
+    left_id = (await left.__anext__()).id
+    await left.close()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{other_port}", timeout=0.5) as impatient:
+        with pytest.raises(httpx.ReadTimeout):  # (no X-Stainless-Read-Timeout: the gateway would answer first)
+            await impatient.post("/v1/chat/completions", headers={"Idempotency-Key": "left-waiting"},
+                                 json={"model": TINY, "messages": CHAT, "max_tokens": 450})
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{other_port}", timeout=60) as other:
+        for gone in (left_id, "left-waiting"):
+            ended = (await other.get(f"/v1/requests/{gone}", params={"wait": 30})).json()
+            assert ended["status"] == "cancelled", ended
+    ids = [job_id, left_id, "left-waiting"]
+    report = await check(cluster.settings, ids)
+    assert report.lost == [] and all(report.generations_by_id.get(i, 0) <= 1 for i in ids), describe(report)
+    assert report.generations_by_id[job_id] == 1

@@ -71,6 +71,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             registry=registry,
             loads=WorkerLoads(redis, keys),
             completion_wait_s=settings.completion_wait_s,
+            cancel_on_disconnect=settings.cancel_on_disconnect,
         )
         try:
             yield

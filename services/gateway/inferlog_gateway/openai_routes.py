@@ -12,12 +12,14 @@ with ``x-should-retry: false``: the SDK's automatic retry would otherwise start 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from inferlog.batchfile import completion_object, openai_request, openai_usage
 from inferlog.errors import InvalidRequest, StoreUnavailable
@@ -67,10 +69,11 @@ async def _call(request: Request, idempotency_key: str | None, *, chat: bool) ->
     await accept(state, record, tenant, sent, keyed=idempotency_key is not None)
     key = job_key(tenant, request_id)
     if stream:
-        return sse_response(_chunks(state.jobs, key, record.model, chat=chat, include_usage=include_usage),
+        return sse_response(cancelling_if_left(state, key, _chunks(state.jobs, key, record.model, chat=chat,
+                                                                   include_usage=include_usage)),
                             headers={"X-Request-Id": request_id})
     try:  # from here the job exists: every answer carries its ID, and none invites a retry that starts another
-        job = await wait_for_job(state, key, wait_budget(request, state.completion_wait_s))
+        job = await wait_for_answer(request, state, key)
     except StoreUnavailable as exc:
         return error_response(503, request_id, f"The job was accepted; its result cannot be read now ({exc}): fetch it "
                       f"with GET /v1/chat/completions/{request_id}.", "server_error", "store_unavailable")
@@ -149,6 +152,46 @@ def wait_budget(request: Request, configured_s: float) -> float:
     except ValueError:
         client_s = float("inf")
     return max(0.1, min(configured_s, client_s - 5.0))
+
+
+async def wait_for_answer(request: Request, state: Any, key: str) -> JobView | None:
+    """``wait_for_job`` for a call's answer, bounded by the setting and the client's timeout. With
+    ``cancel_on_disconnect``, a client that leaves first cancels the job (nobody is left to answer)."""
+    waiting = wait_for_job(state, key, wait_budget(request, state.completion_wait_s))
+    if not state.cancel_on_disconnect:
+        return await waiting
+    answer, gone = asyncio.ensure_future(waiting), asyncio.ensure_future(_left(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not answer.done():
+        answer.cancel()
+        await state.jobs.cancel(key)
+        raise ClientDisconnect  # the client is gone: nothing to answer
+    return answer.result()
+
+
+async def _left(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+_CANCELS: set[asyncio.Task[Any]] = set()
+
+
+async def cancelling_if_left(state: Any, key: str, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's events; with ``cancel_on_disconnect``, a client that leaves before its end cancels the job."""
+    ended = False
+    try:
+        async for event in events:
+            yield event
+        ended = True
+    finally:
+        if not ended and state.cancel_on_disconnect:
+            task = asyncio.get_running_loop().create_task(state.jobs.cancel(key))
+            _CANCELS.add(task)
+            task.add_done_callback(_CANCELS.discard)
 
 
 async def wait_for_job(state: Any, key: str, wait_s: float) -> JobView | None:

@@ -35,7 +35,13 @@ from inferlog.ledger import JobView, request_hash
 from inferlog.messages import Priority
 from inferlog_gateway.intake import parse_json
 from inferlog_gateway.jobs import Chunk, JobReader, stored_chunks
-from inferlog_gateway.openai_routes import call_id, error_response, stream_options, wait_budget, wait_for_job
+from inferlog_gateway.openai_routes import (
+    call_id,
+    cancelling_if_left,
+    error_response,
+    stream_options,
+    wait_for_answer,
+)
 from inferlog_gateway.routes import _owned, _state, accept, read_body, sse, sse_response
 
 router = APIRouter()
@@ -66,12 +72,12 @@ async def create_response(request: Request, idempotency_key: str | None = Header
     key = job_key(tenant, request_id)
     headers = {"X-Request-Id": request_id}
     if stream:
-        return sse_response(_events(state.jobs, key, after=-1), headers=headers)
+        return sse_response(cancelling_if_left(state, key, _events(state.jobs, key, after=-1)), headers=headers)
     try:  # from here the job exists: every answer carries its ID, and none invites a retry that starts another
         if background:
             job = await state.jobs.get(key)
         else:
-            job = await wait_for_job(state, key, wait_budget(request, state.completion_wait_s))
+            job = await wait_for_answer(request, state, key)
     except StoreUnavailable as exc:
         return error_response(503, request_id, f"The response was accepted; it cannot be read now ({exc}): fetch "
                               f"it with GET /v1/responses/{request_id}.", "server_error", "store_unavailable")

@@ -42,6 +42,7 @@ class GatewayState:
     registry: ModelRegistry
     loads: WorkerLoads
     completion_wait_s: float = 300.0
+    cancel_on_disconnect: bool = False
 
 
 router = APIRouter()

@@ -20,6 +20,10 @@ class GatewaySettings(BaseSettings):
     completion_wait_s: float = Field(default=300.0, gt=0, le=3600)
     """How long ``POST /v1/chat/completions`` / ``/v1/completions`` wait for their job; past it, a 504 with
     the job ID (``x-should-retry: false``): the job goes on and can be fetched."""
+    cancel_on_disconnect: bool = False
+    """Whether a client that disconnects from an OpenAI-route call (``/v1/chat/completions``,
+    ``/v1/completions``, ``/v1/responses``) before its answer cancels the job. Off: the job goes on, and the
+    client fetches it by its ID or resumes its stream."""
     produce_timeout_s: float = Field(default=2.0, gt=0, le=60)
     """How long a submit waits for the broker's acknowledgement; past it the job is accepted anyway and
     left to the outbox relay."""
