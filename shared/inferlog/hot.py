@@ -150,8 +150,7 @@ return 1
                     next_check = loop.time() + recheck_s
             return bool(await is_done())
         finally:
-            await pubsub.unsubscribe()
-            await pubsub.aclose()
+            await pubsub.aclose()  # (closing unsubscribes: one await, so a cancelled reader still releases it)
 
 
 class CancelFlags:
@@ -190,8 +189,8 @@ class DeltaStream:
                 pipe.expire(key, self._ttl_s)
             await pipe.execute()
 
-    async def read(self, request_id: str, after: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
-        """Entries after ``after`` ("0" for all), waiting up to ``block_ms`` for new ones."""
+    async def read(self, request_id: str, after: str, block_ms: int | None) -> list[tuple[str, dict[str, str]]]:
+        """Entries after ``after`` ("0" for all), waiting up to ``block_ms`` for new ones (None: not at all)."""
         reply: Any = await self._redis.xread({self._keys.stream(request_id): after}, block=block_ms, count=256)
         if not reply:
             return []

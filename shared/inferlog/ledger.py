@@ -113,6 +113,10 @@ def load_text(stored: str | None, escaped: bool | None) -> str | None:
     return json.loads(stored) if escaped and stored is not None else stored
 
 
+_COLD = ("chunks", "attempt")
+"""JobView fields read from Postgres only, never written to the hot view."""
+
+
 @dataclass(frozen=True)
 class JobView:
     """What a poll returns about one job."""
@@ -135,6 +139,8 @@ class JobView:
     chunks: tuple[int, ...] | None = None
     """Where the text's streamed chunks ended (``ResultRecord.chunks``); read from Postgres only, never kept
     in the hot view (a stream resumed from the stored result reads it there)."""
+    attempt: str | None = None
+    """The attempt that streamed those chunks (``ResultRecord.attempt``); Postgres only, like ``chunks``."""
 
     @property
     def client_id(self) -> str:
@@ -143,14 +149,14 @@ class JobView:
 
     def to_hot(self) -> dict[str, Any]:
         """The form kept in Redis (inferlog.hot.StatusCache)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "chunks"}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _COLD}
         return {**fields, "status": self.status.value, "terminal": self.status.is_terminal(), "rank": self.status.rank}
 
     @classmethod
     def from_hot(cls, hot: dict[str, Any]) -> JobView:
         fields: dict[str, Any] = {f.name: hot.get(f.name) for f in dataclasses.fields(cls)}
         fields.update(status=Status(hot["status"]), timings=hot.get("timings") or {},
-                      redriven_as=tuple(hot.get("redriven_as") or ()), chunks=None)
+                      redriven_as=tuple(hot.get("redriven_as") or ()), chunks=None, attempt=None)
         return cls(**fields)
 
 
@@ -516,7 +522,7 @@ class RequestLedger:
                 SELECT q.request_id, COALESCE(r.status, q.status) AS status,
                        COALESCE(r.model, q.model) AS model, r.model_version, r.text, r.text_escaped,
                        r.finish_reason,
-                       r.prompt_tokens, r.completion_tokens, r.error, q.tenant, r.chunks,
+                       r.prompt_tokens, r.completion_tokens, r.error, q.tenant, r.chunks, r.attempt,
                        q.timings || COALESCE(r.timings, '{}'::jsonb) AS timings,
                        (SELECT d.original_key FROM dead_letter_redrives d
                          WHERE d.redriven_key = q.request_id) AS redrive_of,
@@ -543,6 +549,7 @@ class RequestLedger:
                 redrive_of=row["redrive_of"],
                 redriven_as=tuple(row["redriven_as"]),
                 chunks=tuple(row["chunks"]) if row["chunks"] is not None else None,
+                attempt=row["attempt"],
             )
             for row in rows
         ]

@@ -224,6 +224,9 @@ class ResultRecord(_Record):
     """Where the streamed chunks of ``text`` ended: chunk N (the worker's sequence number N, from 1) is
     ``text[chunks[N-2]:chunks[N-1]]``, so a stream cursor (``starting_after=N``) stays valid after the live
     stream is gone. Absent when nothing was streamed: the whole text is then chunk 1."""
+    attempt: Name | None = None
+    """The attempt whose chunks ``chunks`` numbers (the stream entries' ``a``): a stream reader that sent another
+    attempt's chunks (a takeover that sampled other text) must not join this result's to them."""
 
     @field_validator("status")
     @classmethod

@@ -183,6 +183,11 @@ async def test_stream_gives_late_clients_the_text_so_far_then_the_rest(stack: Ru
         await redis.aclose()
     assert _deltas(await _sse_events(http, request_id, after=3)) == whole[3:]
     assert _deltas(await _sse_events(http, request_id, after=len(whole))) == []
+    past = await http.get(f"/v1/requests/{request_id}/stream", params={"starting_after": len(whole) + 1})
+    assert past.status_code == 400 and past.json()["error"]["param"] == "starting_after"
+    for garbage in (b"9" * 5000, b"\xb2", b"-1"):
+        bad = await http.get(f"/v1/requests/{request_id}/stream", headers={"Last-Event-ID": garbage})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID", garbage
 
 
 async def _status_is(http: httpx.AsyncClient, request_id: str, status: str) -> bool:

@@ -7,9 +7,11 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from inferlog.ledger import JobView
 from inferlog.messages import Status
-from inferlog_gateway.jobs import HOT_FRESH_S, JobReader, stored_chunks
+from inferlog_gateway.jobs import HOT_FRESH_S, Chunk, JobReader, StreamRestarted, stored_chunks
 
 
 def _view(status: Status) -> JobView:
@@ -101,19 +103,46 @@ async def test_a_stream_ends_only_once_every_read_answers_the_job_terminal() -> 
     assert (await reader.get("j")).status is Status.COMPLETED  # type: ignore[union-attr]
 
 
-async def test_a_second_attempt_continues_the_numbering_and_the_first_is_ignored_after() -> None:
-    store_view = JobView(**{**_view(Status.COMPLETED).__dict__, "text": "abcdef", "chunks": (2, 4, 6)})
+async def test_a_stream_never_joins_two_attempts_text() -> None:
+    """A takeover regenerates, numbering its chunks from 1 again, and with sampling its text differs ("XX"
+    where the stored attempt said "cd"): a reader follows the stored attempt alone, or, holding the other
+    attempt's chunks, gets StreamRestarted instead of a text that is neither."""
+    stored = JobView(**{**_view(Status.COMPLETED).__dict__, "text": "abcdef", "chunks": (2, 4, 6), "attempt": "w2/1"})
 
     class Store:
         async def get(self, request_id: str) -> JobView:
-            return store_view
+            return stored
 
-    deltas = Deltas([{"d": "ab", "n": "1", "a": "w1/1"}, {"d": "ab", "n": "1", "a": "w2/1"},
-                     {"d": "XX", "n": "2", "a": "w1/1"}, {"d": "cd", "n": "2", "a": "w2/1"},
-                     {"d": "ef", "n": "3", "a": "w2/1"}, {"end": "completed"}])
-    reader = JobReader(Store(), HotStore({}), deltas=deltas)  # type: ignore[arg-type]
-    got = [item async for item in reader.chunks("j", after=1)]
-    assert [(c.seq, c.text) for c in got[:-1]] == [(2, "cd"), (3, "ef")]  # type: ignore[union-attr]
+    entries = [{"d": "ab", "n": "1", "a": "w1/1"}, {"d": "ab", "n": "1", "a": "w2/1"},
+               {"d": "XX", "n": "2", "a": "w1/1"}, {"d": "cd", "n": "2", "a": "w2/1"},
+               {"d": "ef", "n": "3", "a": "w2/1"}, {"end": "completed", "a": "w2/1"}]
+
+    async def read(after: int = 0, attempt: str | None = None, stream: list[dict[str, str]] | None = None) -> list[Any]:
+        reader = JobReader(Store(), HotStore({}), deltas=Deltas(entries if stream is None else stream))  # type: ignore[arg-type]
+        return [(c.seq, c.text) if isinstance(c, Chunk) else "end"
+                async for c in reader.chunks("j", after=after, attempt=attempt)]
+
+    assert await read() == [(1, "ab"), (2, "cd"), (3, "ef"), "end"]  # the newest attempt only
+    assert await read(after=1, attempt="w2/1") == [(2, "cd"), (3, "ef"), "end"]
+    with pytest.raises(StreamRestarted):  # the client's chunk 1: whose? two attempts streamed
+        await read(after=1)
+    with pytest.raises(StreamRestarted):
+        await read(after=1, attempt="w1/1")
+    # The live stream gone (expired): the stored result's attempt decides.
+    assert await read(after=2, attempt="w2/1", stream=[]) == [(3, "ef"), "end"]
+    with pytest.raises(StreamRestarted):
+        await read(after=2, attempt="w1/1", stream=[])
+    # One attempt streamed so far: a resume without the attempt is that attempt's.
+    assert await read(after=1, stream=entries[1:2] + entries[3:]) == [(2, "cd"), (3, "ef"), "end"]
+
+    # Live: this connection sent the first attempt's chunk, then a takeover's chunks appear.
+    live = Deltas([{"d": "ab", "n": "1", "a": "w1/1"}])
+    reader = JobReader(Store(), HotStore({**_view(Status.RUNNING).to_hot(), "hot_at": time.time()}), deltas=live)  # type: ignore[arg-type]
+    items = reader.chunks("j")
+    assert (await anext(items)).text == "ab"  # type: ignore[union-attr]
+    live.entries.append(("2-0", {"d": "ab", "n": "1", "a": "w2/1"}))
+    with pytest.raises(StreamRestarted):
+        await anext(items)
 
 
 def test_stored_chunks_cut_the_text_where_the_worker_did_and_never_fail_on_bad_ends() -> None:

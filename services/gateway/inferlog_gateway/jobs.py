@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
 from inferlog.breakers import CircuitBreaker
+from inferlog.errors import NotFound
 from inferlog.hot import CancelFlags, DeltaStream, StatusCache
+from inferlog.identity import client_id_of
 from inferlog.ledger import JobView, RequestLedger
 from inferlog.messages import now
 
@@ -98,22 +100,40 @@ class JobReader:
 
     async def settled(self, request_id: str) -> JobView:
         """The job once the store holds its terminal result, however long that takes, read from Postgres and
-        answered by every read from then on (``wait``), so a stream's end is never followed by a poll that
-        says the job still runs, on this gateway or any other."""
+        answered by every read from then on (``wait`` moves the hot view forward; should Redis refuse that,
+        this waits until a hot view still saying otherwise is too old to be believed), so a stream's end is
+        never followed by a poll that says the job still runs, on this gateway or any other."""
         while True:
             job = await self.wait(request_id, WAIT_STEP_S)
-            if job is not None and job.status.is_terminal():
-                return job
+            if job is None:
+                raise NotFound(f"No request with id {client_id_of(request_id)!r}.", param="request_id")
+            if job.status.is_terminal():
+                break
+            await asyncio.sleep(POLL_FALLBACK_S)  # (a wait that returns at once must not spin)
+        if self._hot is not None and not await self._hot_agrees(job):
+            await asyncio.sleep(HOT_FRESH_S)  # every reader checks Postgres behind a hot view this old
+        return job
 
-    async def chunks(self, request_id: str, after: int = 0) -> AsyncIterator[Chunk | JobView]:
+    async def _hot_agrees(self, job: JobView) -> bool:
+        try:
+            async with self._guard():
+                hot = await self._hot.get(job.request_id) if self._hot is not None else None
+        except (RedisError, OSError):
+            return False
+        return hot is None or bool(hot.get("terminal"))
+
+    async def chunks(self, request_id: str, after: int = 0, attempt: str | None = None
+                     ) -> AsyncIterator[Chunk | JobView]:
         """The job's text in the worker's numbered chunks after chunk ``after``, live while it generates,
         then its terminal view (``settled``: only once every read answers it). Chunks the live stream lacks
-        (it expired, lost entries or never existed: no Redis) come from the chunk ends kept with the result."""
-        sent = after
+        (it expired, lost entries or never existed: no Redis) come from the chunk ends kept with the result.
+        ``attempt``: the attempt the client's first ``after`` chunks came from, if it knows (the native stream
+        says). Text is never joined across attempts: a takeover regenerates, and with sampling its text
+        differs; where the client holds another attempt's chunks, ``StreamRestarted`` is raised instead."""
+        follow = _Follow(request_id, sent=after, attempt=attempt)
         if self._deltas is not None:
             try:
-                async for chunk in self._live(request_id, after):
-                    sent = chunk.seq
+                async for chunk in self._live(request_id, follow):
                     yield chunk
             except (RedisError, OSError) as exc:
                 log.warning("stream of %s degrades to the stored result: %s", request_id, exc)
@@ -122,44 +142,97 @@ class JobReader:
             # A hot view: the chunk ends are kept in Postgres only. Unreadable, the stream breaks (raises)
             # rather than number the rest wrongly: its client resumes with the cursor it has.
             job = await self._ledger.get(request_id) or job
-        for chunk in stored_chunks(job, after=sent):
+        if follow.sent and follow.attempt and job.attempt and job.attempt != follow.attempt:
+            raise StreamRestarted(job.client_id)
+        for chunk in stored_chunks(job, after=follow.sent):
             yield chunk
         yield job
 
-    async def _live(self, request_id: str, after: int) -> AsyncIterator[Chunk]:
-        """The live stream's chunks after ``after``, until its end entry, a gap in its numbering (entries
-        Redis did not take) or, when no entry comes, the job found terminal. A second attempt (a takeover)
-        numbers its chunks from 1 again: those already sent are skipped, and the first attempt's late
-        entries are ignored once the second's appear."""
+    async def _live(self, request_id: str, follow: _Follow) -> AsyncIterator[Chunk]:
+        """The live stream's chunks after ``follow.sent``, until its end entry, a gap in its numbering (entries
+        Redis did not take) or, when no entry comes, the job found terminal. A reader holding no chunk yet
+        follows the newest attempt the stream holds (each attempt numbers from 1); one that holds chunks
+        (sent here, or the client's cursor) gets ``StreamRestarted`` when another attempt appears."""
         assert self._deltas is not None
-        last, attempt, superseded, sent = "0", None, set(), after
-        while True:
+        backlog, last = [], "0"
+        while True:  # what the stream holds now, to know its newest attempt before sending anything
             async with self._guard():
-                entries = await self._deltas.read(request_id, last, block_ms=1000)
-            for entry_id, fields in entries:
-                last = entry_id
-                if "end" in fields:
-                    return
-                if "d" not in fields or not fields.get("n", "").isdigit() or fields.get("a") in superseded:
-                    continue
-                if fields.get("a") != attempt:
-                    if attempt is not None:
-                        superseded.add(attempt)
-                    attempt = fields.get("a")
-                seq = int(fields["n"])
-                if seq <= sent:
-                    continue
-                if seq != sent + 1:
-                    return  # a chunk is missing: the stored result has it
-                sent = seq
-                yield Chunk(seq, fields["d"])
+                entries = await self._deltas.read(request_id, last, block_ms=None)
             if not entries:
-                current = await self._ledger.get(request_id)
-                if current is not None and current.status.is_terminal():
+                break
+            backlog += entries
+            last = entries[-1][0]
+        attempts = list(dict.fromkeys(f.get("a", "") for _, f in backlog if "d" in f))
+        if attempts:
+            if follow.attempt is None and follow.sent and len(attempts) > 1:
+                raise StreamRestarted(request_id)  # whose chunks does the client hold? unknown
+            if follow.attempt is not None and follow.attempt != attempts[-1]:
+                raise StreamRestarted(request_id)
+            follow.attempt = attempts[-1] if follow.attempt is None else follow.attempt
+            follow.superseded.update(attempts[:-1])
+        while True:
+            for entry_id, fields in backlog:
+                last = entry_id
+                step = follow.take(fields)
+                if step is _END or step is _GAP:
                     return
+                if isinstance(step, Chunk):
+                    yield step
+            if not backlog:
+                current = await self.get(request_id)  # (hot first: a waiting stream costs Postgres nothing)
+                if current is None or current.status.is_terminal():
+                    return
+            async with self._guard():
+                backlog = await self._deltas.read(request_id, last, block_ms=1000)
 
 
 WAIT_STEP_S = 60.0
+_END, _GAP = object(), object()
+
+
+class StreamRestarted(Exception):
+    """The job's generation started again (a worker's attempt was taken over) after the client received
+    chunks of the earlier attempt: the rest would join two attempts' text, so the stream ends instead."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"The generation of {client_id_of(request_id)!r} restarted (a worker failed) after this "
+                         "stream's chunks: its text may differ from them. Fetch the stored result, or stream it "
+                         "again from the start.")
+
+
+@dataclass
+class _Follow:
+    """A stream reader's position: the chunks the client holds (``sent``) and whose attempt they are."""
+
+    request_id: str
+    sent: int
+    attempt: str | None
+    superseded: set[str] = field(default_factory=set)
+
+    def take(self, fields: dict[str, str]) -> Chunk | object | None:
+        """One stream entry: the next chunk to send, ``_END``, ``_GAP`` (a chunk is missing: the stored
+        result has it), or None (nothing to send)."""
+        attempt = fields.get("a", "")
+        if "end" in fields:
+            if self.sent and self.attempt and attempt and attempt != self.attempt:
+                raise StreamRestarted(self.request_id)
+            return _END
+        if "d" not in fields or not fields.get("n", "").isascii() or not fields.get("n", "").isdigit() \
+                or attempt in self.superseded:
+            return None
+        if attempt != self.attempt:
+            if self.sent and self.attempt is not None:
+                raise StreamRestarted(self.request_id)
+            if self.attempt is not None:
+                self.superseded.add(self.attempt)
+            self.attempt = attempt
+        seq = int(fields["n"])
+        if seq <= self.sent:
+            return None
+        if seq != self.sent + 1:
+            return _GAP
+        self.sent = seq
+        return Chunk(seq, fields["d"], attempt)
 
 
 @dataclass(frozen=True)
@@ -167,6 +240,7 @@ class Chunk:
     seq: int
     """The worker's sequence number, from 1: a stream resumes after it (``starting_after``)."""
     text: str
+    attempt: str | None = None
 
 
 def stored_chunks(job: JobView, after: int = 0) -> list[Chunk]:

@@ -13,6 +13,7 @@ with ``x-should-retry: false``: the SDK's automatic retry would otherwise start 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,15 +23,26 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from inferlog.batchfile import completion_object, openai_request, openai_usage
-from inferlog.errors import InvalidRequest, StoreUnavailable
+from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
 from inferlog.identity import client_id_of, job_key
 from inferlog.ledger import JobView, request_hash
 from inferlog.messages import SEED_REFUSAL, Priority, Status, now
 from inferlog_gateway.intake import parse_json
-from inferlog_gateway.jobs import Chunk, JobReader
-from inferlog_gateway.routes import MAX_WAIT_S, _mine, _owned, _state, accept, read_body, sse, sse_response
+from inferlog_gateway.jobs import Chunk, JobReader, StreamRestarted
+from inferlog_gateway.routes import (
+    MAX_WAIT_S,
+    _mine,
+    _owned,
+    _state,
+    accept,
+    read_body,
+    sse,
+    sse_response,
+    stream_error,
+)
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 @router.post("/v1/chat/completions")
@@ -65,7 +77,7 @@ async def _call(request: Request, idempotency_key: str | None, *, chat: bool) ->
     if record.params.seed is not None and record.params.temperature > 0:
         raise InvalidRequest(SEED_REFUSAL, param="seed", code="seed_not_supported")  # the one seed policy
     record, _prompt_tokens = state.intake.checked(record, max_tokens_given=given)
-    sent = request_hash({**body, "route": "chat" if chat else "completions"}, tenant)
+    sent = request_hash({**transport_free(body), "route": "chat" if chat else "completions"}, tenant)
     await accept(state, record, tenant, sent, keyed=idempotency_key is not None)
     key = job_key(tenant, request_id)
     if stream:
@@ -77,11 +89,25 @@ async def _call(request: Request, idempotency_key: str | None, *, chat: bool) ->
     except StoreUnavailable as exc:
         return error_response(503, request_id, f"The job was accepted; its result cannot be read now ({exc}): fetch it "
                       f"with GET /v1/chat/completions/{request_id}.", "server_error", "store_unavailable")
+    except ClientDisconnect:
+        raise
+    except Exception:  # noqa: BLE001 - the job exists: answer with its ID, never an invitation to start another
+        log.exception("waiting for %s failed", request_id)
+        return error_response(500, request_id, "The job was accepted; its result could not be read: fetch it with "
+                              f"GET /v1/chat/completions/{request_id}.", "server_error", "internal_error")
     if job is None or not job.status.is_terminal():
         return error_response(504, request_id, "The job did not end within the wait; it goes on: fetch it with GET "
                       f"/v1/chat/completions/{request_id} or /v1/requests/{request_id}.", "server_error",
                       "completion_wait_exceeded")
     return _answer(job, chat=chat)
+
+
+TRANSPORT_FIELDS = ("stream", "stream_options", "background")
+"""Body fields that change how a call is answered, not its job: a keyed retry may differ in them."""
+
+
+def transport_free(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}
 
 
 def call_id(idempotency_key: str | None) -> str:
@@ -127,20 +153,25 @@ async def _chunks(jobs: JobReader, key: str, model: str, *, chat: bool, include_
         return {**head, "choices": [choice],
                 **({"usage": None} if include_usage else {})}
 
-    async for item in jobs.chunks(key):
-        if isinstance(item, Chunk):
-            yield sse(chunk(item.text, None), event_id=item.seq)
-            continue
-        job = item
-        if job.status is not Status.COMPLETED:
-            error = _ended(job)
-            yield sse({"error": error["error"]})
-            return
-        if first:
-            yield sse(chunk("", None))
-        yield sse(chunk(None, job.finish_reason))
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": openai_usage(job)})
+    job: JobView | None = None
+    try:
+        async for item in jobs.chunks(key):
+            if isinstance(item, Chunk):
+                yield sse(chunk(item.text, None), event_id=item.seq)
+                continue
+            job = item
+    except (StreamRestarted, NotFound) as exc:
+        yield sse(stream_error(exc))
+        return
+    assert job is not None, "chunks() ends with the job's terminal view"
+    if job.status is not Status.COMPLETED:
+        yield sse({"error": _ended(job)["error"]})
+        return
+    if first:
+        yield sse(chunk("", None))
+    yield sse(chunk(None, job.finish_reason))
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": openai_usage(job)})
     yield sse("[DONE]")
 
 
@@ -161,12 +192,15 @@ async def wait_for_answer(request: Request, state: Any, key: str) -> JobView | N
     if not state.cancel_on_disconnect:
         return await waiting
     answer, gone = asyncio.ensure_future(waiting), asyncio.ensure_future(_left(request))
+    left = False
     try:
         await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        left = not answer.done()
     finally:
         gone.cancel()
-    if not answer.done():
-        answer.cancel()
+        if not answer.done():
+            answer.cancel()  # (also when this handler itself is cancelled: no wait outlives it)
+    if left:
         await state.jobs.cancel(key)
         raise ClientDisconnect  # the client is gone: nothing to answer
     return answer.result()
@@ -191,7 +225,13 @@ async def cancelling_if_left(state: Any, key: str, events: AsyncIterator[str]) -
         if not ended and state.cancel_on_disconnect:
             task = asyncio.get_running_loop().create_task(state.jobs.cancel(key))
             _CANCELS.add(task)
-            task.add_done_callback(_CANCELS.discard)
+            task.add_done_callback(_cancel_done)
+
+
+def _cancel_done(task: asyncio.Task[Any]) -> None:
+    _CANCELS.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("cancel of a job whose client left failed: %s", task.exception())
 
 
 async def wait_for_job(state: Any, key: str, wait_s: float) -> JobView | None:

@@ -16,11 +16,13 @@ the worker's chunk N, then (M chunks) 4+M ``response.output_text.done``, 5+M ``r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from inferlog.batchfile import (
     as_responses_error,
@@ -29,22 +31,34 @@ from inferlog.batchfile import (
     response_text_part,
     responses_request,
 )
-from inferlog.errors import InvalidRequest, StoreUnavailable
+from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
 from inferlog.identity import client_id_of, job_key
 from inferlog.ledger import JobView, request_hash
 from inferlog.messages import Priority
 from inferlog_gateway.intake import parse_json
-from inferlog_gateway.jobs import Chunk, JobReader, stored_chunks
+from inferlog_gateway.jobs import Chunk, JobReader, StreamRestarted
 from inferlog_gateway.openai_routes import (
     call_id,
     cancelling_if_left,
     error_response,
     stream_options,
+    transport_free,
     wait_for_answer,
 )
-from inferlog_gateway.routes import _owned, _state, accept, read_body, sse, sse_response
+from inferlog_gateway.routes import (
+    _owned,
+    _state,
+    accept,
+    check_cursor,
+    chunk_count,
+    read_body,
+    sse,
+    sse_response,
+    stream_error,
+)
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 PREAMBLE = 3
 """The sequence number of the last event before the first chunk's (``response.content_part.added``)."""
@@ -67,12 +81,13 @@ async def create_response(request: Request, idempotency_key: str | None = Header
         record, _prompt_tokens = state.intake.checked(record, max_tokens_given=body.get("max_output_tokens") is not None)
     except InvalidRequest as exc:
         raise as_responses_error(exc, instructions=bool(body.get("instructions"))) from exc
-    sent = request_hash({**body, "route": "responses"}, tenant)
+    sent = request_hash({**transport_free(body), "route": "responses"}, tenant)
     await accept(state, record, tenant, sent, keyed=idempotency_key is not None)
     key = job_key(tenant, request_id)
     headers = {"X-Request-Id": request_id}
-    if stream:
-        return sse_response(cancelling_if_left(state, key, _events(state.jobs, key, after=-1)), headers=headers)
+    if stream:  # (a background response outlives its connection, whatever the setting: it is resumed)
+        events = _events(state.jobs, key, after=-1)
+        return sse_response(events if background else cancelling_if_left(state, key, events), headers=headers)
     try:  # from here the job exists: every answer carries its ID, and none invites a retry that starts another
         if background:
             job = await state.jobs.get(key)
@@ -81,6 +96,12 @@ async def create_response(request: Request, idempotency_key: str | None = Header
     except StoreUnavailable as exc:
         return error_response(503, request_id, f"The response was accepted; it cannot be read now ({exc}): fetch "
                               f"it with GET /v1/responses/{request_id}.", "server_error", "store_unavailable")
+    except ClientDisconnect:
+        raise
+    except Exception:  # noqa: BLE001 - the job exists: answer with its ID, never an invitation to start another
+        log.exception("waiting for %s failed", request_id)
+        return error_response(500, request_id, "The response was accepted; it could not be read: fetch it with "
+                              f"GET /v1/responses/{request_id}.", "server_error", "internal_error")
     if job is None or not (background or job.status.is_terminal()):
         return error_response(504, request_id, "The response did not end within the wait; it goes on: fetch it "
                               f"with GET /v1/responses/{request_id}.", "server_error", "completion_wait_exceeded")
@@ -96,8 +117,9 @@ async def retrieve_response(request_id: str, request: Request, stream: bool = Qu
     job = await _owned(state, request_id, state.keys.tenant_of(request))
     headers = {"X-Request-Id": job.client_id}
     if stream:
-        return sse_response(_events(state.jobs, job.request_id, after=-1 if starting_after is None else starting_after),
-                            headers=headers)
+        after = -1 if starting_after is None else starting_after
+        await check_cursor(state, job, after, past_last=PREAMBLE + 4)
+        return sse_response(_events(state.jobs, job.request_id, after=after), headers=headers)
     return JSONResponse(response_object(job), headers=headers)
 
 
@@ -114,9 +136,15 @@ async def cancel_response(request_id: str, request: Request) -> JSONResponse:
 
 async def _events(jobs: JobReader, key: str, *, after: int) -> AsyncIterator[str]:
     """The response's events numbered as the module says, those after ``after`` (-1: all)."""
-    async for seq, kind, fields in _numbered(jobs, key, after):
-        if seq > after:
-            yield sse({"type": kind, "sequence_number": seq, **fields}, event=kind)
+    seq = after
+    try:
+        async for seq, kind, fields in _numbered(jobs, key, after):
+            if seq > after:
+                yield sse({"type": kind, "sequence_number": seq, **fields}, event=kind)
+    except (StreamRestarted, NotFound) as exc:
+        error = stream_error(exc)["error"]
+        yield sse({"type": "error", "sequence_number": seq + 1, "code": error["code"], "message": error["message"],
+                   "param": None}, event="error")
 
 
 async def _numbered(jobs: JobReader, key: str, after: int) -> AsyncIterator[tuple[int, str, dict[str, Any]]]:
@@ -124,7 +152,7 @@ async def _numbered(jobs: JobReader, key: str, after: int) -> AsyncIterator[tupl
     if after < PREAMBLE:
         current = await jobs.get(key)
         if current is None:
-            return
+            raise NotFound(f"No response with id {client_id_of(key)!r}.", param="response_id")
         opening = {**response_object(current), "output": [], "usage": None}
         yield 0, "response.created", {"response": {**opening, "status": "queued"}}
         yield 1, "response.in_progress", {"response": {**opening, "status": "in_progress"}}
@@ -137,7 +165,13 @@ async def _numbered(jobs: JobReader, key: str, after: int) -> AsyncIterator[tupl
             yield PREAMBLE + item.seq, "response.output_text.delta", {**at, "delta": item.text, "logprobs": []}
             continue
         job: JobView = item
-        seq = PREAMBLE + max([last, *(c.seq for c in stored_chunks(job))]) + 1
+        # The chunk count from what is stored, so the events after it are numbered alike on every replay. A
+        # failure stored without text or chunk ends (an earlier attempt streamed) counts the chunks streamed
+        # here, and never numbers its terminal event at or below the client's cursor: it always gets one.
+        if job.text or job.chunks:
+            seq = PREAMBLE + chunk_count(job) + 1
+        else:
+            seq = max(PREAMBLE + last + 1, after + 1)
         response = response_object(job)
         if response["output"]:
             message = response["output"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from inferlog.models import ModelRegistry, RegisteredModel
 from inferlog.publishing import OutboxRelay, Submitter
 from inferlog_gateway.api import Accepted, JobResult, JobStatus
 from inferlog_gateway.intake import Intake, parse_json
-from inferlog_gateway.jobs import Chunk, JobReader
+from inferlog_gateway.jobs import Chunk, JobReader, StreamRestarted, stored_chunks
 from inferlog_gateway.tenants import TenantKeys
 
 
@@ -137,32 +138,96 @@ async def cancel_request(request_id: str, request: Request) -> JSONResponse:
 
 
 @router.get("/v1/requests/{request_id}/stream")
-async def stream_request(request_id: str, request: Request, starting_after: int = Query(default=0, ge=0),
+async def stream_request(request_id: str, request: Request, starting_after: int = Query(default=0, ge=0, le=2**31),
+                         attempt: str | None = Query(default=None, max_length=300),
                          last_event_id: str | None = Header(default=None)) -> StreamingResponse:
     """The job's text as Server-Sent Events: a ``delta`` event per chunk the worker numbered (``id:`` and
-    ``seq`` are its number, from 1), then one ``done`` event with the terminal status, sent only once every
-    read of the job answers it. ``starting_after=N`` (or ``Last-Event-ID``) resumes after chunk N, on any
-    gateway, from the live stream while Redis keeps it and from the stored result after."""
+    ``seq`` are its number, from 1; ``attempt`` says which generation attempt wrote it), then one ``done``
+    event with the terminal status, sent only once every read of the job answers it. ``starting_after=N``
+    (or ``Last-Event-ID``) resumes after chunk N, on any gateway, from the live stream while Redis keeps it
+    and from the stored result after; with ``attempt`` (the last delta's) a resume is checked against a
+    takeover that regenerated the text: where the client's chunks are not the stored attempt's, the
+    stream ends with an ``error`` event (``stream_restarted``) rather than join two texts."""
     state = _state(request)
     job = await _owned(state, request_id, state.keys.tenant_of(request))
-    after = starting_after
-    if last_event_id is not None and last_event_id.isdigit():
-        after = max(after, int(last_event_id))
-    return sse_response(_native_events(state.jobs, job.request_id, after))
+    after = max(starting_after, _event_id(last_event_id))
+    await check_cursor(state, job, after, past_last=0)
+    return sse_response(_native_events(state.jobs, job.request_id, after, attempt))
 
 
-async def _native_events(jobs: JobReader, request_id: str, after: int) -> AsyncIterator[str]:
-    async for item in jobs.chunks(request_id, after):
-        if isinstance(item, Chunk):
-            yield sse({"text": item.text, "seq": item.seq}, event="delta", event_id=item.seq)
-        else:
-            yield sse({"status": item.status.value, "finish_reason": item.finish_reason,
-                       "completion_tokens": item.completion_tokens or 0}, event="done")
+def _event_id(header: str | None) -> int:
+    if header is None or header == "":
+        return 0
+    if not (header.isascii() and header.isdigit() and len(header) <= 10):
+        raise InvalidRequest("Last-Event-ID must be a chunk number this stream sent", param="Last-Event-ID")
+    return int(header)
+
+
+async def check_cursor(state: GatewayState, job: JobView, after: int, *, past_last: int) -> None:
+    """A resume of a job already ended must name a place in its stream: a cursor ``after`` more than
+    ``past_last`` events past its last chunk is a 400, never a silent end."""
+    if after == 0 or not job.status.is_terminal():
+        return
+    stored = await state.ledger.get(job.request_id) or job
+    if stored.text and after > chunk_count(stored) + past_last:
+        raise InvalidRequest(f"starting_after={after} is past the end of the job's stream", param="starting_after")
+
+
+def chunk_count(job: JobView) -> int:
+    """How many chunks the stored result has (the whole text is one when none were kept)."""
+    return len(job.chunks) if job.chunks else len(stored_chunks(job))
+
+
+async def _native_events(jobs: JobReader, request_id: str, after: int, attempt: str | None) -> AsyncIterator[str]:
+    try:
+        async for item in jobs.chunks(request_id, after, attempt):
+            if isinstance(item, Chunk):
+                yield sse({"text": item.text, "seq": item.seq, "attempt": item.attempt}, event="delta",
+                          event_id=item.seq)
+            else:
+                yield sse({"status": item.status.value, "finish_reason": item.finish_reason,
+                           "completion_tokens": item.completion_tokens or 0}, event="done")
+    except (StreamRestarted, NotFound) as exc:
+        yield sse(stream_error(exc), event="error")
+
+
+def stream_error(exc: StreamRestarted | NotFound) -> dict[str, Any]:
+    """Why a stream ends without its end, in the error envelope."""
+    if isinstance(exc, NotFound):
+        return {"error": {"message": exc.message, "type": "invalid_request_error", "param": None, "code": "not_found"}}
+    return {"error": {"message": str(exc), "type": "server_error", "param": None, "code": "stream_restarted"}}
 
 
 def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
+    return StreamingResponse(_kept_alive(events), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+
+
+KEEPALIVE_S = 15.0
+
+
+async def _kept_alive(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The events, and an SSE comment whenever none came for ``KEEPALIVE_S`` (a job waiting in the queue or
+    for the store): proxies and clients with read timeouts keep a healthy stream open."""
+    pending: asyncio.Task[str] | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+            if not done:
+                yield ": keep-alive\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield event
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()  # the events' own clean-up runs as that step ends
+        else:
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 def sse(data: Any, event: str | None = None, event_id: int | None = None) -> str:

@@ -505,15 +505,15 @@ class GpuWorker:
             log.warning("lease of %s lost mid-attempt: publishing nothing for it", request_id)
             self._watch_or_drop(work)
             return
-        result = self._result(record, done, admitted_at, work.chunk_ends) if done is not None \
-            else self._cancelled(record)
+        result = self._result(record, done, admitted_at, work) if done is not None else self._cancelled(record)
         work.state = "publishing"
         await self._publish([(self._topics.results, request_id, result)])
         value = work.lease
         self._remember_finished(request_id)  # from here a re-delivered copy is skipped...
         self._finish(work)  # ...and every copy joined so far (read after the publish) is finished
         self._deltas.append((request_id, {"end": result.status.value, "finish_reason": result.finish_reason or "",
-                                          "completion_tokens": str(result.usage.completion_tokens)}))
+                                          "completion_tokens": str(result.usage.completion_tokens),
+                                          "a": value or ""}))
         self._deltas_waiting.set()
         await self._lease_done(request_id, value)
 
@@ -758,15 +758,15 @@ class GpuWorker:
             log.warning("redis side channel unavailable: %s", exc)
             return None
 
-    def _result(self, record: TokenizedRecord, done: GenerationDone, admitted_at: float,
-                chunk_ends: list[int]) -> ResultRecord:
+    def _result(self, record: TokenizedRecord, done: GenerationDone, admitted_at: float, work: _Work) -> ResultRecord:
         timings = record.timings.merged(admitted_at=admitted_at, first_token_at=done.first_token_at,
                                         completed_at=done.completed_at)
         result = ResultRecord(
             request_id=record.request_id, status=Status.COMPLETED, model=record.model,
             model_version=self._runner.version, tenant=record.tenant, worker_id=self.worker_id, timings=timings,
             usage=Usage(prompt_tokens=len(record.input_ids), completion_tokens=len(done.token_ids)),
-            finish_reason=done.finish_reason, text=done.text, chunks=_chunks(chunk_ends, done.text))
+            finish_reason=done.finish_reason, text=done.text, chunks=_chunks(work.chunk_ends, done.text),
+            attempt=work.lease if work.chunk_ends else None)
         status = FINISH_STATUS[done.finish_reason]
         if done.finish_reason == "error":
             return result.model_copy(update={"status": status, "text": None, "error": ErrorInfo(

@@ -41,8 +41,8 @@ ON CONFLICT (request_id) DO UPDATE SET
 
 _INSERT_RESULT = """
 INSERT INTO results (request_id, status, model, model_version, text, text_escaped, finish_reason,
-                     prompt_tokens, completion_tokens, error, worker_id, tenant, timings, chunks)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13::jsonb, $14::integer[])
+                     prompt_tokens, completion_tokens, error, worker_id, tenant, timings, chunks, attempt)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13::jsonb, $14::integer[], $15)
 ON CONFLICT (request_id) DO NOTHING
 """
 
@@ -97,7 +97,7 @@ class ResultSink:
             (
                 r.request_id, r.status.value, r.model, r.model_version, *store_text(r.text), r.finish_reason,
                 r.usage.prompt_tokens, r.usage.completion_tokens, _error_json(r),
-                r.worker_id, r.tenant, r.timings.model_dump_json(exclude_none=True), r.chunks,
+                r.worker_id, r.tenant, r.timings.model_dump_json(exclude_none=True), r.chunks, r.attempt,
             )
             for r in results
         ]
