@@ -59,6 +59,11 @@ async def test_the_openai_sdk_gets_durable_jobs(make_cluster: MakeCluster) -> No
     first = await client.chat.completions.create(**keyed, temperature=0)
     second = await client.chat.completions.create(**keyed, temperature=0)
     assert first.id == second.id == "oai-k1" and first.choices[0].message.content == second.choices[0].message.content
+    # A keyed stream that broke, asked again without streaming: the same job, answered (not a 422).
+    keyed_stream = await _stream(client, **{**keyed, "extra_headers": {"Idempotency-Key": "oai-k2"}}, temperature=0)
+    unstreamed = await client.chat.completions.create(**{**keyed, "extra_headers": {"Idempotency-Key": "oai-k2"}},
+                                                      temperature=0)
+    assert keyed_stream.id == unstreamed.id == "oai-k2" and unstreamed.choices[0].message.content == keyed_stream.text
     # Absent temperature is OpenAI's default (1): sampled, and stored so.
     sampled = await client.chat.completions.create(model=TINY, messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
     assert sampled.choices[0].message.content is not None
@@ -106,7 +111,7 @@ async def test_the_openai_sdk_gets_durable_jobs(make_cluster: MakeCluster) -> No
             await asyncio.sleep(0.5)
     assert finished is not None and finished.usage is not None and finished.usage.completion_tokens == 450
 
-    ids = [done.id, "oai-k1", sampled.id, plain.id, neutral.id, slow_id, streamed.id, plain_stream.id, text_id]
+    ids = [done.id, "oai-k1", "oai-k2", sampled.id, plain.id, neutral.id, slow_id, streamed.id, plain_stream.id, text_id]
     report = await check(cluster.settings, ids)
     assert report.lost == [] and report.generations_by_id == {i: 1 for i in ids}, describe(report)
 
