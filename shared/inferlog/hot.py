@@ -189,6 +189,11 @@ class DeltaStream:
                 pipe.expire(key, self._ttl_s)
             await pipe.execute()
 
+    async def tail(self, request_id: str) -> str | None:
+        """The ID of the stream's last entry now (None: no stream)."""
+        reply: Any = await self._redis.xrevrange(self._keys.stream(request_id), count=1)
+        return _decode(reply[0][0]) if reply else None
+
     async def read(self, request_id: str, after: str, block_ms: int | None) -> list[tuple[str, dict[str, str]]]:
         """Entries after ``after`` ("0" for all), waiting up to ``block_ms`` for new ones (None: not at all)."""
         reply: Any = await self._redis.xread({self._keys.stream(request_id): after}, block=block_ms, count=256)

@@ -72,7 +72,10 @@ class Deltas:
     def __init__(self, entries: list[dict[str, str]]) -> None:
         self.entries = [(f"{i + 1}-0", e) for i, e in enumerate(entries)]
 
-    async def read(self, request_id: str, after: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
+    async def tail(self, request_id: str) -> str | None:
+        return self.entries[-1][0] if self.entries else None
+
+    async def read(self, request_id: str, after: str, block_ms: int | None) -> list[tuple[str, dict[str, str]]]:
         return [e for e in self.entries if after == "0" or int(e[0].split("-")[0]) > int(after.split("-")[0])]
 
 

@@ -44,15 +44,17 @@ async def _events(reader: Reader, after: int) -> list[tuple[int, str]]:
     return [(seq, kind) async for seq, kind, _ in _numbered(reader, "r", after) if seq > after]  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("job", [_job(Status.COMPLETED, "abcdef", (2, 4, 6)),
-                                 _job(Status.FAILED, None, None),  # failed after streaming: no text, no ends
-                                 _job(Status.FAILED, None, (2, 4, 6))])
-async def test_every_resume_gets_exactly_the_events_after_its_cursor(job: JobView) -> None:
-    reader = Reader(job, ["ab", "cd", "ef"])
+@pytest.mark.parametrize(("job", "streamed"), [
+    (_job(Status.COMPLETED, "abcdef", (2, 4, 6)), ["ab", "cd", "ef"]),
+    (_job(Status.COMPLETED, "", None), []),  # the first token ended it: an empty text, nothing streamed
+    (_job(Status.FAILED, None, None), ["ab", "cd", "ef"]),  # an earlier attempt streamed; no text, no ends
+    (_job(Status.FAILED, None, (2, 4, 6)), ["ab", "cd", "ef"])])
+async def test_every_resume_gets_exactly_the_events_after_its_cursor(job: JobView, streamed: list[str]) -> None:
+    reader = Reader(job, streamed)
     whole = await _events(reader, -1)
     assert [seq for seq, _ in whole] == list(range(len(whole)))
     assert whole[-1][1] == ("response.completed" if job.status is Status.COMPLETED else "response.failed")
     for after in range(len(whole) - 1):  # (a client that had the terminal event is done)
         assert await _events(reader, after) == whole[after + 1:], after
-    if job.chunks is not None:
+    if job.text is not None or job.chunks is not None:  # (a count known from the result alone)
         assert await _events(reader, len(whole) - 1) == []

@@ -138,12 +138,12 @@ class JobReader:
             except (RedisError, OSError) as exc:
                 log.warning("stream of %s degrades to the stored result: %s", request_id, exc)
         job = await self.settled(request_id)
-        if job.chunks is None and job.text:
-            # A hot view: the chunk ends are kept in Postgres only. Unreadable, the stream breaks (raises)
-            # rather than number the rest wrongly: its client resumes with the cursor it has.
+        if job.chunks is None:
+            # A hot view: the chunk ends and attempt are kept in Postgres only. Unreadable, the stream breaks
+            # (raises) rather than number the rest wrongly: its client resumes with the cursor it has.
             job = await self._ledger.get(request_id) or job
         if follow.sent and follow.attempt and job.attempt and job.attempt != follow.attempt:
-            raise StreamRestarted(job.client_id)
+            raise StreamRestarted(job.request_id)
         for chunk in stored_chunks(job, after=follow.sent):
             yield chunk
         yield job
@@ -155,7 +155,11 @@ class JobReader:
         (sent here, or the client's cursor) gets ``StreamRestarted`` when another attempt appears."""
         assert self._deltas is not None
         backlog, last = [], "0"
-        while True:  # what the stream holds now, to know its newest attempt before sending anything
+        async with self._guard():
+            tail = await self._deltas.tail(request_id)
+        while tail is not None and _stream_id(last) < _stream_id(tail):
+            # What the stream held when the reader came, to know its newest attempt before sending anything
+            # (up to that tail: a stream growing faster than these reads would never end the scan).
             async with self._guard():
                 entries = await self._deltas.read(request_id, last, block_ms=None)
             if not entries:
@@ -166,7 +170,7 @@ class JobReader:
         if attempts:
             if follow.attempt is None and follow.sent and len(attempts) > 1:
                 raise StreamRestarted(request_id)  # whose chunks does the client hold? unknown
-            if follow.attempt is not None and follow.attempt != attempts[-1]:
+            if follow.attempt is not None and follow.sent and follow.attempt != attempts[-1]:
                 raise StreamRestarted(request_id)
             follow.attempt = attempts[-1] if follow.attempt is None else follow.attempt
             follow.superseded.update(attempts[:-1])
@@ -187,6 +191,11 @@ class JobReader:
 
 
 WAIT_STEP_S = 60.0
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition("-")
+    return int(millis), int(seq or 0)
 _END, _GAP = object(), object()
 
 
@@ -214,6 +223,8 @@ class _Follow:
         result has it), or None (nothing to send)."""
         attempt = fields.get("a", "")
         if "end" in fields:
+            if attempt in self.superseded and attempt:
+                return None  # (an older attempt's end: it published nothing the reader follows)
             if self.sent and self.attempt and attempt and attempt != self.attempt:
                 raise StreamRestarted(self.request_id)
             return _END
@@ -254,8 +265,8 @@ def stored_chunks(job: JobView, after: int = 0) -> list[Chunk]:
     for seq, end in enumerate(ends, start=1):
         end = min(max(end, start), len(text))
         if seq > after:
-            chunks.append(Chunk(seq, text[start:end]))
+            chunks.append(Chunk(seq, text[start:end], job.attempt))
         start = end
     if start < len(text) and len(ends) + 1 > after:
-        chunks.append(Chunk(len(ends) + 1, text[start:]))  # text past the last kept end (never sent live)
+        chunks.append(Chunk(len(ends) + 1, text[start:], job.attempt))  # text past the last kept end (never sent live)
     return chunks

@@ -118,7 +118,7 @@ async def retrieve_response(request_id: str, request: Request, stream: bool = Qu
     headers = {"X-Request-Id": job.client_id}
     if stream:
         after = -1 if starting_after is None else starting_after
-        await check_cursor(state, job, after, past_last=PREAMBLE + 4)
+        await check_cursor(state, job, after, None, past_last=PREAMBLE + 4)
         return sse_response(_events(state.jobs, job.request_id, after=after), headers=headers)
     return JSONResponse(response_object(job), headers=headers)
 
@@ -168,8 +168,8 @@ async def _numbered(jobs: JobReader, key: str, after: int) -> AsyncIterator[tupl
         # The chunk count from what is stored, so the events after it are numbered alike on every replay. A
         # failure stored without text or chunk ends (an earlier attempt streamed) counts the chunks streamed
         # here, and never numbers its terminal event at or below the client's cursor: it always gets one.
-        if job.text or job.chunks:
-            seq = PREAMBLE + chunk_count(job) + 1
+        if job.text is not None or job.chunks:
+            seq = PREAMBLE + max(chunk_count(job), last) + 1
         else:
             seq = max(PREAMBLE + last + 1, after + 1)
         response = response_object(job)

@@ -151,7 +151,7 @@ async def stream_request(request_id: str, request: Request, starting_after: int 
     state = _state(request)
     job = await _owned(state, request_id, state.keys.tenant_of(request))
     after = max(starting_after, _event_id(last_event_id))
-    await check_cursor(state, job, after, past_last=0)
+    await check_cursor(state, job, after, attempt, past_last=0)
     return sse_response(_native_events(state.jobs, job.request_id, after, attempt))
 
 
@@ -163,12 +163,15 @@ def _event_id(header: str | None) -> int:
     return int(header)
 
 
-async def check_cursor(state: GatewayState, job: JobView, after: int, *, past_last: int) -> None:
+async def check_cursor(state: GatewayState, job: JobView, after: int, attempt: str | None, *, past_last: int) -> None:
     """A resume of a job already ended must name a place in its stream: a cursor ``after`` more than
-    ``past_last`` events past its last chunk is a 400, never a silent end."""
+    ``past_last`` events past its last chunk is a 400, never a silent end (unless the cursor is another
+    attempt's: its stream then ends with ``stream_restarted``, which says what to do)."""
     if after == 0 or not job.status.is_terminal():
         return
     stored = await state.ledger.get(job.request_id) or job
+    if attempt and stored.attempt and attempt != stored.attempt:
+        return
     if stored.text and after > chunk_count(stored) + past_last:
         raise InvalidRequest(f"starting_after={after} is past the end of the job's stream", param="starting_after")
 
