@@ -132,8 +132,8 @@ return 1
         store) is checked after subscribing, so a notification sent just before is not missed, and again
         every ``recheck_s``: a notification the store failed to send (Redis blipped) costs at most that."""
         pubsub = self._redis.pubsub()
-        await pubsub.subscribe(self._keys.done(request_id))
         try:
+            await pubsub.subscribe(self._keys.done(request_id))
             if await is_done():
                 return True
             loop = asyncio.get_running_loop()
