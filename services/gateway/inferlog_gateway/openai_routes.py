@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
@@ -84,21 +84,11 @@ async def _call(request: Request, idempotency_key: str | None, *, chat: bool) ->
         return sse_response(cancelling_if_left(state, key, _chunks(state.jobs, key, record.model, chat=chat,
                                                                    include_usage=include_usage)),
                             headers={"X-Request-Id": request_id})
-    try:  # from here the job exists: every answer carries its ID, and none invites a retry that starts another
-        job = await wait_for_answer(request, state, key)
-    except StoreUnavailable as exc:
-        return error_response(503, request_id, f"The job was accepted; its result cannot be read now ({exc}): fetch it "
-                      f"with GET /v1/chat/completions/{request_id}.", "server_error", "store_unavailable")
-    except ClientDisconnect:
-        raise
-    except Exception:  # noqa: BLE001 - the job exists: answer with its ID, never an invitation to start another
-        log.exception("waiting for %s failed", request_id)
-        return error_response(500, request_id, "The job was accepted; its result could not be read: fetch it with "
-                              f"GET /v1/chat/completions/{request_id}.", "server_error", "internal_error")
-    if job is None or not job.status.is_terminal():
-        return error_response(504, request_id, "The job did not end within the wait; it goes on: fetch it with GET "
-                      f"/v1/chat/completions/{request_id} or /v1/requests/{request_id}.", "server_error",
-                      "completion_wait_exceeded")
+    read = await read_after_claim(request_id, f"/v1/chat/completions/{request_id}",
+                                  wait_for_answer(request, state, key), must_end=True)
+    if isinstance(read, JSONResponse):
+        return read
+    job = read
     return _answer(job, chat=chat)
 
 
@@ -108,6 +98,28 @@ TRANSPORT_FIELDS = ("stream", "stream_options", "background")
 
 def transport_free(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}
+
+
+async def read_after_claim(request_id: str, fetch: str, read: Awaitable[JobView | None], *,
+                           must_end: bool) -> JobView | JSONResponse:
+    """The job read after its claim (``read``), or the error to answer instead. From the claim on the job
+    exists: every answer carries its ID and ``x-should-retry: false``, so none invites a retry that starts
+    another job. ``must_end``: a job not yet terminal is a 504 (the wait ran out; it goes on)."""
+    try:
+        job = await read
+    except StoreUnavailable as exc:
+        return error_response(503, request_id, f"The job was accepted; it cannot be read now ({exc}): fetch it "
+                              f"with GET {fetch}.", "server_error", "store_unavailable")
+    except ClientDisconnect:
+        raise
+    except Exception:  # noqa: BLE001 - the job exists: answer with its ID, never an invitation to start another
+        log.exception("reading %s after its claim failed", request_id)
+        return error_response(500, request_id, f"The job was accepted; it could not be read: fetch it with GET "
+                              f"{fetch}.", "server_error", "internal_error")
+    if job is None or (must_end and not job.status.is_terminal()):
+        return error_response(504, request_id, f"The job did not end within the wait; it goes on: fetch it with GET "
+                              f"{fetch} or /v1/requests/{request_id}.", "server_error", "completion_wait_exceeded")
+    return job
 
 
 def call_id(idempotency_key: str | None) -> str:

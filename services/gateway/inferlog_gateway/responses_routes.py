@@ -16,13 +16,11 @@ the worker's chunk N, then (M chunks) 4+M ``response.output_text.done``, 5+M ``r
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
 
 from inferlog.batchfile import (
     as_responses_error,
@@ -31,7 +29,7 @@ from inferlog.batchfile import (
     response_text_part,
     responses_request,
 )
-from inferlog.errors import InvalidRequest, NotFound, StoreUnavailable
+from inferlog.errors import InvalidRequest, NotFound
 from inferlog.identity import client_id_of, job_key
 from inferlog.ledger import JobView, request_hash
 from inferlog.messages import Priority
@@ -40,7 +38,7 @@ from inferlog_gateway.jobs import Chunk, JobReader, StreamRestarted
 from inferlog_gateway.openai_routes import (
     call_id,
     cancelling_if_left,
-    error_response,
+    read_after_claim,
     stream_options,
     transport_free,
     wait_for_answer,
@@ -58,7 +56,6 @@ from inferlog_gateway.routes import (
 )
 
 router = APIRouter()
-log = logging.getLogger(__name__)
 
 PREAMBLE = 3
 """The sequence number of the last event before the first chunk's (``response.content_part.added``)."""
@@ -88,23 +85,12 @@ async def create_response(request: Request, idempotency_key: str | None = Header
     if stream:  # (a background response outlives its connection, whatever the setting: it is resumed)
         events = _events(state.jobs, key, after=-1)
         return sse_response(events if background else cancelling_if_left(state, key, events), headers=headers)
-    try:  # from here the job exists: every answer carries its ID, and none invites a retry that starts another
-        if background:
-            job = await state.jobs.get(key)
-        else:
-            job = await wait_for_answer(request, state, key)
-    except StoreUnavailable as exc:
-        return error_response(503, request_id, f"The response was accepted; it cannot be read now ({exc}): fetch "
-                              f"it with GET /v1/responses/{request_id}.", "server_error", "store_unavailable")
-    except ClientDisconnect:
-        raise
-    except Exception:  # noqa: BLE001 - the job exists: answer with its ID, never an invitation to start another
-        log.exception("waiting for %s failed", request_id)
-        return error_response(500, request_id, "The response was accepted; it could not be read: fetch it with "
-                              f"GET /v1/responses/{request_id}.", "server_error", "internal_error")
-    if job is None or not (background or job.status.is_terminal()):
-        return error_response(504, request_id, "The response did not end within the wait; it goes on: fetch it "
-                              f"with GET /v1/responses/{request_id}.", "server_error", "completion_wait_exceeded")
+    read = await read_after_claim(request_id, f"/v1/responses/{request_id}",
+                                  state.jobs.get(key) if background else wait_for_answer(request, state, key),
+                                  must_end=not background)
+    if isinstance(read, JSONResponse):
+        return read
+    job = read
     return JSONResponse(response_object(job, background=bool(background)), headers=headers)
 
 
