@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from inferlog import broker
 from inferlog.config import InferlogSettings
@@ -86,3 +88,14 @@ def _wait_port_free(host: str, port: int, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while broker.port_answers(host, port) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+async def response_ended(client: Any, response_id: str, timeout: float = 60) -> Any:
+    """``client.responses.retrieve`` until the response leaves queued and in_progress (or the time runs out:
+    the last one read)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await client.responses.retrieve(response_id)
+        if response.status not in ("queued", "in_progress") or time.monotonic() > deadline:
+            return response
+        await asyncio.sleep(0.1)

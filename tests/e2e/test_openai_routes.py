@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import TINY, connect_to_schema, free_port
+from tests.e2e.conftest import response_ended
 from tests.faults.conftest import MakeCluster, start_pipeline
 from tests.faults.harness import check, describe
 
@@ -168,12 +169,7 @@ async def test_responses_are_jobs_too(make_cluster: MakeCluster) -> None:
                                            instructions="Be brief.", max_output_tokens=12, temperature=0,
                                            background=True)
     assert queued.status in ("queued", "in_progress") and queued.output == []
-    ended = queued
-    for _ in range(200):
-        ended = await client.responses.retrieve(queued.id)
-        if ended.status not in ("queued", "in_progress"):
-            break
-        await asyncio.sleep(0.1)
+    ended = await response_ended(client, queued.id, timeout=20)
     # The tiny random model does not stop by itself: it ends at max_output_tokens, which OpenAI calls incomplete.
     assert ended.status == "incomplete" and ended.incomplete_details is not None, ended
     assert ended.incomplete_details.reason == "max_output_tokens" and ended.output_text

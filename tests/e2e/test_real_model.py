@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import httpx
@@ -11,7 +10,7 @@ import pytest
 
 from inferlog.config import DEFAULT_MODEL_NAME
 from tests.conftest import drop_schema, free_port, make_settings
-from tests.e2e.conftest import inferlog_up
+from tests.e2e.conftest import inferlog_up, response_ended
 from tests.e2e.test_stack import wait_terminal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -57,10 +56,5 @@ async def _the_openai_sdk_asks_the_same(url: str) -> None:
                                            instructions="Answer in one sentence.", background=True,
                                            temperature=0, max_output_tokens=48)
     assert queued.status in ("queued", "in_progress")
-    response = queued
-    for _ in range(240):
-        response = await client.responses.retrieve(queued.id)
-        if response.status not in ("queued", "in_progress"):
-            break
-        await asyncio.sleep(0.25)
+    response = await response_ended(client, queued.id)
     assert response.status == "completed" and "Paris" in response.output_text, response
