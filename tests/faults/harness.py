@@ -300,6 +300,20 @@ async def read_topic(settings: InferlogSettings, topic: str, timeout: float = 30
     return [(r.key, r.value or b"") for r in await read_all(settings.kafka_bootstrap, topic, timeout_s=timeout)]
 
 
+async def completed_since(settings: InferlogSettings, since: float) -> list[str]:
+    """The requests whose result on the results topic (read to its high-water mark) was completed after
+    ``since`` (epoch seconds): work a fault hit while it was in flight."""
+    found = []
+    for _key, value in await read_topic(settings, Topics.from_settings(settings).results):
+        try:
+            result = ResultRecord.model_validate_json(value)
+        except ValidationError:
+            continue
+        if (result.timings.completed_at or 0.0) > since:
+            found.append(result.request_id)
+    return found
+
+
 async def stage_times(settings: InferlogSettings, ids: list[str]) -> dict[str, dict[str, float]]:
     """Each job's timings (``received_at`` … ``completed_at``) plus ``stored_at``, when the store recorded
     its result: what shows a fault hit work in flight (a result that waited in the log for the store)."""

@@ -17,6 +17,7 @@ from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
 from tests.faults.harness import (
     Client,
     check,
+    completed_since,
     describe,
     long_bodies,
     read_topic,
@@ -92,8 +93,11 @@ async def test_postgres_stopped_during_traffic(make_cluster: MakeCluster, own_po
         assert refused.json()["error"]["code"] == "store_unavailable"
         await asyncio.sleep(8.0)  # longer than any single retry: services wait it out, committing nothing
         assert (await http.get("/readyz")).status_code == 503
+        # Down until a generation finished during the outage is on the log (the running batch ends within
+        # seconds here, but a slow machine must not end the outage first).
+        await eventually(lambda: completed_since(cluster.settings, stopped_at), timeout=45, interval=0.5)
+    restarting_at = time.time()  # before start(): the store may write before start() sees Postgres ready
     own_postgres.start()
-    restarted_at = time.time()
 
     await submitting
     assert client.retries > 0
@@ -106,7 +110,7 @@ async def test_postgres_stopped_during_traffic(make_cluster: MakeCluster, own_po
     # The fault hit results in flight: generations that finished while Postgres was down waited in the log
     # and were stored only after it came back.
     timings = await stage_times(cluster.settings, list(client.accepted))
-    waited = [rid for rid, t in timings.items() if stopped_at < t["completed_at"] < restarted_at < t["stored_at"]]
+    waited = [rid for rid, t in timings.items() if stopped_at < t["completed_at"] < restarting_at < t["stored_at"]]
     assert waited, "no result waited out the outage"
     for proc in cluster.procs.values():
         assert proc.popen.poll() is None, f"{proc.name} died during the outage"
