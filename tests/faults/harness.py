@@ -314,6 +314,16 @@ async def completed_since(settings: InferlogSettings, since: float) -> list[str]
     return found
 
 
+async def ledger_rows(settings: InferlogSettings, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The ledger's row (status, replays) of each of ``ids`` that was claimed."""
+    conn = await connect_to_schema(settings)
+    try:
+        return {r["request_id"]: dict(r) for r in await conn.fetch(
+            "SELECT request_id, status, replays FROM requests WHERE request_id = ANY($1::text[])", ids)}
+    finally:
+        await conn.close()
+
+
 async def stage_times(settings: InferlogSettings, ids: list[str]) -> dict[str, dict[str, float]]:
     """Each job's timings (``received_at`` … ``completed_at``) plus ``stored_at``, when the store recorded
     its result: what shows a fault hit work in flight (a result that waited in the log for the store)."""

@@ -18,7 +18,7 @@ from inferlog.config import InferlogSettings
 from inferlog.kafka import make_consumer
 from tests.conftest import connect_to_schema, drop_schema, eventually, free_port, settings_env
 from tests.faults.conftest import FAULT_BUDGET_S, MakeCluster, start_pipeline
-from tests.faults.harness import Client, check, describe, read_topic, wait_all_terminal
+from tests.faults.harness import Client, check, describe, ledger_rows, read_topic, wait_all_terminal
 
 pytestmark = pytest.mark.faults
 
@@ -54,15 +54,6 @@ async def skip_to_end(settings: InferlogSettings, group: str, topics: list[str])
         await consumer.commit({tp: consumer.highwater(tp) or 0 for tp in consumer.assignment()})
     finally:
         await consumer.stop()
-
-
-async def ledger_rows(settings: InferlogSettings, ids: list[str]) -> dict[str, dict[str, Any]]:
-    conn = await connect_to_schema(settings)
-    try:
-        return {r["request_id"]: dict(r) for r in await conn.fetch(
-            "SELECT request_id, status, replays FROM requests WHERE request_id = ANY($1::text[])", ids)}
-    finally:
-        await conn.close()
 
 
 async def stored_results(settings: InferlogSettings) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from tests.faults.harness import (
     Client,
     check,
     describe,
+    ledger_rows,
     long_bodies,
     read_topic,
     running_at_least,
@@ -77,12 +78,26 @@ async def test_gateway_restart_between_submit_and_retry(make_cluster: MakeCluste
     client = Client(cluster.url)
     submitting = asyncio.create_task(client.submit_many(bodies))
     await eventually(lambda: truthy(len(client.accepted) >= 50), timeout=60, interval=0.02)
-    cluster.signal("gw", signal.SIGKILL)  # some submits are in flight: their clients see a broken connection
+
+    async def claimed_unanswered() -> set[str]:
+        """Freeze the gateway and look for jobs it claimed whose 202 its client never got; thaw it if none
+        (a kill at a random moment can fall between claims: CI of 2ba4ddf)."""
+        cluster.signal("gw", signal.SIGSTOP)
+        await asyncio.sleep(0.5)  # a 202 already sent reaches its client meanwhile
+        claimed = set(await ledger_rows(cluster.settings, list(bodies)))
+        unanswered = claimed - set(client.accepted)
+        if not unanswered:
+            cluster.signal("gw", signal.SIGCONT)
+        return unanswered
+
+    unanswered = await eventually(claimed_unanswered, timeout=60, interval=0.05)
+    cluster.signal("gw", signal.SIGKILL)  # their clients see a broken connection
     cluster.restart("gw")
     await submitting
     # A claim whose 202 was lost: the killed gateway claimed the job (and maybe produced it, or left it to the
     # outbox), its client saw a broken connection, and the retry found the job. Not merely any retried 503.
-    assert client.replayed_after_failure, f"no claim outlived the restart ({client.retries} retries)"
+    assert client.replayed_after_failure & unanswered, \
+        f"no claim outlived the restart ({client.retries} retries; unanswered at the kill: {sorted(unanswered)})"
     await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
 
     async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
