@@ -314,6 +314,27 @@ async def completed_since(settings: InferlogSettings, since: float) -> list[str]
     return found
 
 
+async def attempts_so_far(settings: InferlogSettings) -> tuple[list[str], set[str]]:
+    """The requests with an acknowledged attempt (a worker's ``running`` event), in the order they were
+    admitted, and those with a result on the log: both topics read to their high-water marks."""
+    topics = Topics.from_settings(settings)
+    finished = set()
+    for _key, value in await read_topic(settings, topics.results):
+        try:
+            finished.add(ResultRecord.model_validate_json(value).request_id)
+        except ValidationError:
+            continue
+    attempted: dict[str, None] = {}
+    for _key, value in await read_topic(settings, topics.events):
+        try:
+            event = EventRecord.model_validate_json(value)
+        except ValidationError:
+            continue
+        if event.stage == "gpu-worker" and event.status is Status.RUNNING:
+            attempted[event.request_id] = None
+    return list(attempted), finished
+
+
 async def ledger_rows(settings: InferlogSettings, ids: list[str]) -> dict[str, dict[str, Any]]:
     """The ledger's row (status, replays) of each of ``ids`` that was claimed."""
     conn = await connect_to_schema(settings)

@@ -41,8 +41,8 @@ async def test_redis_stopped_during_traffic(make_cluster: MakeCluster, own_redis
     submitting = asyncio.create_task(client.submit_many(bodies))
     await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
 
+    stopped_at = time.time()  # before stop(): a lease acquire can fail while Redis shuts down
     own_redis.stop()
-    stopped_at = time.time()
     async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
         await eventually(lambda: truthy(len(client.accepted) >= 60), timeout=60, interval=0.05)
         some = sorted(client.accepted)[:20]
@@ -82,11 +82,14 @@ async def test_postgres_stopped_during_traffic(make_cluster: MakeCluster, own_po
     await cluster.wait_ready()
     started = time.monotonic()
     client = Client(cluster.url)
-    submitting = asyncio.create_task(client.submit_many(long_bodies(200, "f6")))
+    bodies = list(long_bodies(200, "f6").items())
+    submitting = asyncio.create_task(client.submit_many(dict(bodies[:190])))
     await eventually(lambda: running_at_least(cluster, "w", 10), timeout=60, interval=0.05)
 
     own_postgres.stop()
     stopped_at = time.time()
+    # Submitted only now (the first 190 may all be in already): these are refused until Postgres is back.
+    late = asyncio.create_task(client.submit_many(dict(bodies[190:]), deadline_s=120))
     async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as http:
         refused = await http.post("/v1/requests", json={"messages": [{"role": "user", "content": "x"}]})
         assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
@@ -100,6 +103,7 @@ async def test_postgres_stopped_during_traffic(make_cluster: MakeCluster, own_po
     own_postgres.start()
 
     await submitting
+    await late
     assert client.retries > 0
     await wait_all_terminal(cluster.settings, list(client.accepted), timeout=FAULT_BUDGET_S)
     report = await check(cluster.settings, list(client.accepted))
