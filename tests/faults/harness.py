@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from aiokafka import TopicPartition
@@ -300,39 +300,43 @@ async def read_topic(settings: InferlogSettings, topic: str, timeout: float = 30
     return [(r.key, r.value or b"") for r in await read_all(settings.kafka_bootstrap, topic, timeout_s=timeout)]
 
 
-async def completed_since(settings: InferlogSettings, since: float) -> list[str]:
-    """The requests whose result on the results topic (read to its high-water mark) was completed after
-    ``since`` (epoch seconds): work a fault hit while it was in flight."""
-    found = []
-    for _key, value in await read_topic(settings, Topics.from_settings(settings).results):
+_R = TypeVar("_R", ResultRecord, EventRecord)
+
+
+async def results_on_log(settings: InferlogSettings) -> list[ResultRecord]:
+    """Every result on the results topic, read to its high-water mark (poison records left out: the store
+    dead-letters them, so do we)."""
+    return _parsed(ResultRecord, await read_topic(settings, Topics.from_settings(settings).results))
+
+
+async def attempts_on_log(settings: InferlogSettings) -> list[EventRecord]:
+    """Every acknowledged attempt (a worker's ``running`` event), in the order they were admitted, the events
+    topic read to its high-water mark."""
+    events = _parsed(EventRecord, await read_topic(settings, Topics.from_settings(settings).events))
+    return [e for e in events if e.stage == "gpu-worker" and e.status is Status.RUNNING]
+
+
+def _parsed(model: type[_R], values: list[tuple[bytes | None, bytes]]) -> list[_R]:
+    parsed = []
+    for _key, value in values:
         try:
-            result = ResultRecord.model_validate_json(value)
+            parsed.append(model.model_validate_json(value))
         except ValidationError:
             continue
-        if (result.timings.completed_at or 0.0) > since:
-            found.append(result.request_id)
-    return found
+    return parsed
+
+
+async def completed_since(settings: InferlogSettings, since: float) -> list[str]:
+    """The requests whose result on the log was completed after ``since`` (epoch seconds): work a fault hit
+    while it was in flight."""
+    return [r.request_id for r in await results_on_log(settings) if (r.timings.completed_at or 0.0) > since]
 
 
 async def attempts_so_far(settings: InferlogSettings) -> tuple[list[str], set[str]]:
-    """The requests with an acknowledged attempt (a worker's ``running`` event), in the order they were
-    admitted, and those with a result on the log: both topics read to their high-water marks."""
-    topics = Topics.from_settings(settings)
-    finished = set()
-    for _key, value in await read_topic(settings, topics.results):
-        try:
-            finished.add(ResultRecord.model_validate_json(value).request_id)
-        except ValidationError:
-            continue
-    attempted: dict[str, None] = {}
-    for _key, value in await read_topic(settings, topics.events):
-        try:
-            event = EventRecord.model_validate_json(value)
-        except ValidationError:
-            continue
-        if event.stage == "gpu-worker" and event.status is Status.RUNNING:
-            attempted[event.request_id] = None
-    return list(attempted), finished
+    """The requests with an acknowledged attempt, in the order they were admitted, and those with a result
+    on the log."""
+    attempted = dict.fromkeys(e.request_id for e in await attempts_on_log(settings))
+    return list(attempted), {r.request_id for r in await results_on_log(settings)}
 
 
 async def ledger_rows(settings: InferlogSettings, ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -380,28 +384,18 @@ async def check(settings: InferlogSettings, accepted: list[str]) -> Report:
             "SELECT request_id, status, text FROM results WHERE request_id = ANY($1::text[])", accepted)}
     finally:
         await conn.close()
-    topics = Topics.from_settings(settings)
     on_topic: dict[str, set[tuple[str, str | None]]] = defaultdict(set)
     finished_by: dict[str, set[str]] = defaultdict(set)
-    for _key, value in await read_topic(settings, topics.results):
-        try:
-            result = ResultRecord.model_validate_json(value)
-        except ValidationError:
-            continue  # a poison record (fault 10): the store dead-letters it, so do we
+    for result in await results_on_log(settings):
         on_topic[result.request_id].add((result.status.value, result.text))
         finished_by[result.worker_id or ""].add(result.request_id)
     attempts: dict[str, int] = defaultdict(int)
     attempt_times: dict[str, list[float]] = defaultdict(list)
     attempted_by: dict[str, set[str]] = defaultdict(set)
-    for _key, value in await read_topic(settings, topics.events):
-        try:
-            event = EventRecord.model_validate_json(value)
-        except ValidationError:
-            continue
-        if event.stage == "gpu-worker" and event.status is Status.RUNNING:
-            attempts[event.request_id] += 1
-            attempt_times[event.request_id].append(event.timings.admitted_at or 0.0)
-            attempted_by[event.worker_id or ""].add(event.request_id)
+    for event in await attempts_on_log(settings):
+        attempts[event.request_id] += 1
+        attempt_times[event.request_id].append(event.timings.admitted_at or 0.0)
+        attempted_by[event.worker_id or ""].add(event.request_id)
     wanted = set(accepted)
     conflicting = [rid for rid in accepted if len(on_topic.get(rid, ())) > 1
                    or (rid in stored and on_topic.get(rid) and stored[rid] not in on_topic[rid])]
