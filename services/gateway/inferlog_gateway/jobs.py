@@ -196,7 +196,10 @@ WAIT_STEP_S = 60.0
 def _stream_id(entry_id: str) -> tuple[int, int]:
     millis, _, seq = entry_id.partition("-")
     return int(millis), int(seq or 0)
+
+
 _END, _GAP = object(), object()
+"""What ``_Follow.take`` answers besides a chunk: the attempt's stream ended, or a chunk is missing."""
 
 
 class StreamRestarted(Exception):
